@@ -1,0 +1,470 @@
+"""The RETRO model: a decoder with chunked cross-attention (CCA) to encoded retrieved neighbours.
+
+Borgeaud et al. 2022, "Improving language models by retrieving from trillions of tokens",
+arXiv 2112.04426, §2.4-2.5 and Appendix B (Algorithm 1). Torch only; nothing here knows about
+Lightning, faiss or files.
+
+Dimension legend (shared by every file of retro_lit):
+    B  batch                       T  sequence length (n)
+    M  chunk length (m)            L  chunks in a sequence (l = T // M)
+    K  neighbours per chunk (k)    R  retrieved tokens per neighbour (r = 2M: chunk + continuation)
+    D  decoder width               E  encoder width
+    H  heads                       Dh head width (d_k)
+Neighbour tensors are token ids of shape (B, L, K, R), with -1 wherever there is no token
+(a missing neighbour, a missing continuation, padding after a document's end).
+
+Paper facts honoured here (Algorithm 1):
+    for each decoder layer p:  H <- ATTN(H)
+                               if p is the first CCA layer: E <- ENCODER(neighbours, H)
+                               if p is a CCA layer:         H <- CCA(H, E)
+                               H <- FFW(H)
+  * CCA causality: the neighbours of chunk u are attended by the last token of chunk u and the first
+    M-1 tokens of chunk u+1; the first M-1 tokens of the sequence attend to nothing.
+  * CCA attends jointly over the K neighbours x R tokens of its chunk.
+  * Relative positions in CCA: rotary embeddings (RoPE) with the attending token at position M-1+i
+    (i = its index in the attending chunk) and neighbour token j at position j. The neighbour chunk
+    then lines up with chunk u and its continuation with chunk u+1, so q.k depends only on the offset
+    (M-1+i) - j, the paper's d(i, i') up to a constant. Applied once, to q and k (lucidrains applies
+    the offset twice).
+  * The encoder is bidirectional, shared over all neighbours and chunks, and cross-attends to the
+    decoder states of its own chunk (same RoPE alignment: neighbour token j vs chunk token j).
+
+`ca_layers` are 0-based layer indices, as in labml.ai's implementation: the paper's "CCA every 3rd
+layer from layer 6" in a 12-layer model is ca_layers={5, 8, 11}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class RetroConfig:
+    vocab_size: int = 8192
+    """Size of the LM vocabulary (linked from the data in the CLI)."""
+    chunk_size: int = 64
+    """Chunk length M: tokens per retrieval chunk (linked from the data in the CLI)."""
+    d_model: int = 512
+    """Decoder width D."""
+    n_layer: int = 6
+    """Decoder layers."""
+    n_head: int = 8
+    """Attention heads H (decoder and, by default, encoder)."""
+    head_dim: int = 64
+    """Head width Dh (d_k); n_head * head_dim need not equal d_model."""
+    d_ff: int = 2048
+    """Hidden width of the decoder's feed-forward layers."""
+    cca_layers: tuple[int, ...] = (2, 5)
+    """0-based decoder layers that hold chunked cross-attention; empty for a retrieval-free baseline."""
+    enc_n_layer: int = 2
+    """Neighbour-encoder layers."""
+    enc_cross_layers: tuple[int, ...] = (0,)
+    """0-based encoder layers that cross-attend to the decoder states of their chunk."""
+    enc_d_model: int | None = None
+    """Encoder width E (default: d_model)."""
+    enc_n_head: int | None = None
+    """Encoder heads (default: n_head)."""
+    enc_head_dim: int | None = None
+    """Encoder head width (default: head_dim)."""
+    enc_d_ff: int | None = None
+    """Encoder feed-forward width (default: d_ff)."""
+    dropout: float = 0.0
+    """Dropout on residual branches and attention weights."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the output head."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2)."""
+    rope_base: float = 10000.0
+    """Rotary embedding base."""
+
+    def __post_init__(self):
+        self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
+        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
+        for name in ("vocab_size", "chunk_size", "d_model", "n_layer", "n_head", "head_dim", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`model.config.{name}` must be positive, got {getattr(self, name)}")
+        if any(not 0 <= i < self.n_layer for i in self.cca_layers):
+            raise ValueError(f"`model.config.cca_layers` {list(self.cca_layers)} must lie in [0, n_layer={self.n_layer})")
+        if self.cca_layers and self.enc_n_layer <= 0:
+            raise ValueError("`model.config.enc_n_layer` must be positive when cca_layers is not empty")
+        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
+            raise ValueError(f"`model.config.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
+                             f"[0, enc_n_layer={self.enc_n_layer})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`model.config.dropout` must be in [0, 1), got {self.dropout}")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for rotary embeddings at integer `positions` (...,) -> (..., Dh/2) each."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (..., Dh/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x (..., S, Dh) by the angles of positions (S, Dh/2)."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., S, Dh/2, 2)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through SDPA. Queries come from x, keys and values from `context`
+    (x itself for self-attention); both may carry rotary positions."""
+
+    def __init__(self, d_model: int, n_head: int, head_dim: int, d_context: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = n_head, head_dim, dropout
+        self.query = nn.Linear(d_model, n_head * head_dim, bias=False)
+        self.key_value = nn.Linear(d_context or d_model, 2 * n_head * head_dim, bias=False)
+        self.out = nn.Linear(n_head * head_dim, d_model, bias=False)
+
+    def heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.n_head, self.head_dim).transpose(-3, -2)  # (N, H, S, Dh)
+
+    def project_kv(self, context: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        k, v = self.key_value(context).chunk(2, dim=-1)
+        k, v = self.heads(k), self.heads(v)  # (N, H, S, Dh)
+        return (apply_rope(k, *rope) if rope else k), v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor] | None,
+               mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        q = self.heads(self.query(x))  # (N, H, S, Dh)
+        q = apply_rope(q, *rope) if rope else q
+        k, v = k.to(q.dtype), v.to(q.dtype)  # no-ops unless a cache holds another dtype
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(-3, -2).flatten(-2))  # (N, S, D)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, q_rope=None, k_rope=None,
+                mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        k, v = self.project_kv(x if context is None else context, k_rope)
+        return self.attend(x, k, v, q_rope, mask, is_causal)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.up, self.down, self.drop = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn a key-validity mask (N, S) into an SDPA mask (N, 1, 1, S) that never leaves a row empty
+    (an all-masked row makes SDPA return NaN); also return which rows had any valid key (N,)."""
+    has_any = valid.any(-1)
+    mask = valid | ~has_any[:, None]  # rows with no key attend to everything; their output is zeroed
+    return mask[:, None, None, :], has_any
+
+
+# ----------------------------------------------------------------------------- neighbour encoder
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, n_head: int, head_dim: int, d_cond: int, cross: bool,
+                 dropout: float, norm_eps: float):
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = Attention(d_model, n_head, head_dim, dropout=dropout)
+        self.norm_cross = nn.RMSNorm(d_model, eps=norm_eps) if cross else None
+        self.cross = Attention(d_model, n_head, head_dim, d_context=d_cond, dropout=dropout) if cross else None
+        self.norm_ff = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, cond: Tensor, rope_r, rope_m, mask: Tensor | None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm_attn(x), q_rope=rope_r, k_rope=rope_r, mask=mask))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.norm_cross(x), cond, q_rope=rope_r, k_rope=rope_m))
+        return x + self.ff(self.norm_ff(x))
+
+
+class NearestNeighborEncoder(nn.Module):
+    """Bidirectional transformer over each retrieved neighbour [N, F] (R = 2M tokens), shared over
+    neighbours and chunks, cross-attending to the decoder states of the chunk that retrieved it."""
+
+    def __init__(self, chunk_len: int, n_layers: int, d_model: int, d_ff: int, n_heads: int, d_k: int,
+                 ca_layers: set[int] | tuple[int, ...] = (0,), *, d_input: int | None = None,
+                 dropout: float = 0.0, norm_eps: float = 1e-5, rope_base: float = 10000.0):
+        super().__init__()
+        if any(not 0 <= i < n_layers for i in ca_layers):
+            raise ValueError(f"encoder ca_layers {sorted(ca_layers)} must lie in [0, n_layers={n_layers})")
+        self.chunk_len, self.d_model, self.rope_base, self.head_dim = chunk_len, d_model, rope_base, d_k
+        self.d_input = d_input or d_model
+        # decoder token embeddings (width d_input) are shared; project them if widths differ
+        self.proj_in = nn.Linear(self.d_input, d_model, bias=False) if self.d_input != d_model else nn.Identity()
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, d_ff, n_heads, d_k, self.d_input, i in set(ca_layers), dropout, norm_eps)
+            for i in range(n_layers))
+        self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
+
+    def forward(self, neighbors: Tensor, valid: Tensor, cond: Tensor) -> Tensor:
+        """neighbors: embedded neighbour tokens (N, R, d_input) with N = B*L*K; valid: (N, R) bool;
+        cond: decoder states of each neighbour's chunk (N, M, d_input). Returns (N, R, E)."""
+        N, R, _ = neighbors.shape
+        pos_r = torch.arange(R, device=neighbors.device)
+        rope_r = rope_cos_sin(pos_r, self.head_dim, self.rope_base)  # neighbour token j at position j
+        rope_m = rope_cos_sin(pos_r[: cond.shape[1]], self.head_dim, self.rope_base)  # chunk token j at j
+        mask = None if bool(valid.all()) else safe_key_mask(valid)[0]  # (N, 1, 1, R)
+        x = self.proj_in(neighbors)  # (N, R, E)
+        for layer in self.layers:
+            x = layer(x, cond, rope_r, rope_m, mask)
+        return self.norm_out(x)
+
+
+# ----------------------------------------------------------------------------- chunked cross-attention
+
+class ChunkedCrossAttention(nn.Module):
+    """CCA: token p attends to the encoded neighbours of chunk u = (p + 1) // M - 1 (none if u < 0)."""
+
+    def __init__(self, d_model: int, n_head: int, head_dim: int, chunk_len: int, d_memory: int,
+                 dropout: float = 0.0, rope_base: float = 10000.0):
+        super().__init__()
+        self.chunk_len, self.head_dim, self.rope_base = chunk_len, head_dim, rope_base
+        self.attn = Attention(d_model, n_head, head_dim, d_context=d_memory, dropout=dropout)
+
+    def project(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys/values of encoded neighbours (B, Lc, K*R, E) -> each (B, Lc, H, K*R, Dh); neighbour
+        token j at rotary position j (R = 2M tokens per neighbour)."""
+        positions = torch.arange(memory.shape[2], device=memory.device) % (2 * self.chunk_len)
+        return self.attn.project_kv(memory, rope_cos_sin(positions, self.head_dim, self.rope_base))
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor, start: int = 0, first_chunk: int = 0) -> Tensor:
+        """x: (B, t, D) states at absolute positions start..start+t-1; kv: projected neighbours of
+        chunks first_chunk..first_chunk+Lc-1, each (B, Lc, H, K*R, Dh); valid: (B, Lc, K*R) bool.
+        Returns the CCA output (B, t, D), zero where a token has nothing to attend to."""
+        B, t, D = x.shape
+        M, Lc = self.chunk_len, valid.shape[1]
+        first = max(start, M - 1)  # the first M-1 positions of the sequence attend to nothing
+        if first >= start + t:
+            return torch.zeros_like(x)
+        # shift by M-1: position p is token (p + 1) % M of the attending chunk of chunk (p + 1) // M - 1
+        lead, u0 = (first + 1) % M, (first + 1) // M - 1
+        span = x[:, first - start:]  # (B, ta, D)
+        ta = span.shape[1]
+        n_blocks = math.ceil((lead + ta) / M)
+        if n_blocks == 1:  # one attending chunk (e.g. one generated token): no padding needed
+            queries, q_pos = span, torch.arange(lead, lead + ta, device=x.device)  # (B, ta, D)
+        else:  # pad to whole attending chunks, then one batched attention over all of them
+            tail = n_blocks * M - lead - ta
+            queries = torch.cat([span.new_zeros(B, lead, D), span, span.new_zeros(B, tail, D)], dim=1)
+            queries, q_pos = queries.view(B * n_blocks, M, D), torch.arange(M, device=x.device)  # (B*Lb, M, D)
+        # the projected neighbours each attending chunk reads; chunks without memory read nothing
+        chunk = torch.arange(u0, u0 + n_blocks, device=x.device) - first_chunk  # (Lb,)
+        has_memory = (chunk >= 0) & (chunk < Lc)
+        chunk = chunk.clamp(0, Lc - 1)
+        k, v = (t_[:, chunk].flatten(0, 1) for t_ in kv)  # (B*Lb, H, K*R, Dh)
+        mask, has_any = safe_key_mask((valid[:, chunk] & has_memory[None, :, None]).flatten(0, 1))
+        q_rope = rope_cos_sin(q_pos + M - 1, self.head_dim, self.rope_base)  # attending token i at M-1+i
+        out = self.attn.attend(queries, k, v, q_rope, mask=mask)  # (B*Lb, M or ta, D)
+        out = out * has_any[:, None, None].to(out.dtype)
+        out = out.reshape(B, -1, D)[:, lead: lead + ta] if n_blocks > 1 else out  # (B, ta, D)
+        return torch.cat([x.new_zeros(B, first - start, D), out], dim=1)  # left-pad: (B, t, D)
+
+
+# ----------------------------------------------------------------------------- decoder
+
+@dataclass
+class RetroCache:
+    """Incremental-decoding state: self-attention keys/values, the decoder states that condition the
+    encoder, the encoded neighbours of every chunk retrieved so far and their per-layer CCA projections."""
+    keys: list[Tensor]  # per layer (B, H, T_max, Dh)
+    values: list[Tensor]
+    cond: Tensor  # (B, T_max, D) decoder states at the first CCA layer
+    memory: list[Tensor] = field(default_factory=list)  # per chunk (B, 1, K*R, E)
+    valid: list[Tensor] = field(default_factory=list)  # per chunk (B, 1, K*R)
+    cca_kv: dict[int, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)  # layer -> per chunk k, v
+    length: int = 0
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: self-attention, then (in CCA layers) chunked cross-attention, then feed-forward."""
+
+    def __init__(self, d_model: int, n_head: int, head_dim: int, d_ff: int, chunk_len: int, cca: bool,
+                 d_memory: int, dropout: float, norm_eps: float, rope_base: float):
+        super().__init__()
+        self.norm_attn = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = Attention(d_model, n_head, head_dim, dropout=dropout)
+        self.norm_cca = nn.RMSNorm(d_model, eps=norm_eps) if cca else None
+        self.cca = ChunkedCrossAttention(d_model, n_head, head_dim, chunk_len, d_memory, dropout, rope_base) if cca else None
+        self.norm_ff = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def self_attend(self, x: Tensor, rope, cache: RetroCache | None, layer: int) -> Tensor:
+        h = self.norm_attn(x)
+        if cache is None:
+            return x + self.drop(self.attn(h, q_rope=rope, k_rope=rope, is_causal=True))
+        k, v = self.attn.project_kv(h, rope)  # (B, H, t, Dh)
+        start, t = cache.length, x.shape[1]
+        cache.keys[layer][:, :, start:start + t] = k
+        cache.values[layer][:, :, start:start + t] = v
+        k, v = cache.keys[layer][:, :, :start + t], cache.values[layer][:, :, :start + t]  # (B, H, start+t, Dh)
+        mask = None
+        if start > 0 and t > 1:  # new token i (absolute start+i) sees keys 0..start+i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        return x + self.drop(self.attn.attend(h, k, v, rope, mask=mask, is_causal=start == 0 and t > 1))
+
+    def cross_attend(self, x: Tensor, memory: tuple[Tensor, Tensor] | None, start: int,
+                     cache: RetroCache | None, layer: int) -> Tensor:
+        if cache is None:
+            if memory is None:  # retrieval OFF: CCA is the identity
+                return x
+            encoded, valid = memory
+            return x + self.drop(self.cca(self.norm_cca(x), self.cca.project(encoded), valid))
+        projected = cache.cca_kv.setdefault(layer, [])
+        projected.extend(self.cca.project(m) for m in cache.memory[len(projected):])  # new chunks only
+        M, t = self.cca.chunk_len, x.shape[1]
+        lo, hi = max((start + 1) // M - 1, 0), min((start + t) // M, len(projected))  # chunks attended
+        if hi <= lo:
+            return x
+        k, v = (torch.cat(parts, dim=1) for parts in zip(*projected[lo:hi]))  # (B, hi-lo, H, K*R, Dh)
+        valid = torch.cat(cache.valid[lo:hi], dim=1)  # (B, hi-lo, K*R)
+        return x + self.drop(self.cca(self.norm_cca(x), (k, v), valid, start=start, first_chunk=lo))
+
+
+class RetroModel(nn.Module):
+    """RETRO decoder. Signature of the original retro_transformer quick-start; `ca_layers` 0-based."""
+
+    def __init__(self, n_vocab: int, d_model: int, n_layers: int, chunk_len: int, n_heads: int, d_k: int,
+                 d_ff: int, encoder: NearestNeighborEncoder | None, ca_layers: set[int] | tuple[int, ...] = (3, 5),
+                 *, dropout: float = 0.0, tie_embeddings: bool = False, norm_eps: float = 1e-5,
+                 init_std: float = 0.02, rope_base: float = 10000.0):
+        super().__init__()
+        self.ca_layers = tuple(sorted(ca_layers))
+        if any(not 0 <= i < n_layers for i in self.ca_layers):
+            raise ValueError(f"ca_layers {list(self.ca_layers)} must lie in [0, n_layers={n_layers})")
+        if self.ca_layers and encoder is None:
+            raise ValueError("a RetroModel with ca_layers needs a NearestNeighborEncoder")
+        if self.ca_layers and encoder.d_input != d_model:
+            raise ValueError(f"the encoder reads decoder states of width {encoder.d_input}, but d_model={d_model}")
+        if self.ca_layers and encoder.chunk_len != chunk_len:
+            raise ValueError(f"the encoder's chunk_len {encoder.chunk_len} differs from the model's {chunk_len}")
+        self.chunk_len, self.d_model, self.head_dim, self.rope_base = chunk_len, d_model, d_k, rope_base
+        self.token_emb = nn.Embedding(n_vocab, d_model)
+        self.drop = nn.Dropout(dropout)
+        d_memory = encoder.d_model if self.ca_layers else d_model
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d_model, n_heads, d_k, d_ff, chunk_len, i in self.ca_layers, d_memory, dropout, norm_eps, rope_base)
+            for i in range(n_layers))
+        self.encoder = encoder if self.ca_layers else None
+        self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, n_vocab, bias=False)
+        self.init_std = init_std
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=init_std / math.sqrt(2 * n_layers))
+        if tie_embeddings:
+            self.lm_head.weight = self.token_emb.weight
+
+    @classmethod
+    def from_config(cls, c: RetroConfig) -> RetroModel:
+        encoder = NearestNeighborEncoder(
+            c.chunk_size, c.enc_n_layer, c.enc_d_model or c.d_model, c.enc_d_ff or c.d_ff, c.enc_n_head or c.n_head,
+            c.enc_head_dim or c.head_dim, c.enc_cross_layers, d_input=c.d_model, dropout=c.dropout,
+            norm_eps=c.norm_eps, rope_base=c.rope_base) if c.cca_layers else None
+        return cls(c.vocab_size, c.d_model, c.n_layer, c.chunk_size, c.n_head, c.head_dim, c.d_ff, encoder,
+                   c.cca_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings, norm_eps=c.norm_eps,
+                   init_std=c.init_std, rope_base=c.rope_base)
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, neighbors: Tensor | None = None, cache: RetroCache | None = None) -> Tensor:
+        """input_ids (B, T) -> logits (B, T, V). neighbors (B, L, K, R) or None (retrieval OFF).
+        With a cache, input_ids are the new tokens and neighbors those of the chunks they complete."""
+        T = input_ids.shape[1]
+        start = cache.length if cache is not None else 0
+        rope = rope_cos_sin(torch.arange(start, start + T, device=input_ids.device), self.head_dim, self.rope_base)
+        x = self.drop(self.token_emb(input_ids))  # (B, T, D)
+        memory, encoded = None, False
+        for i, block in enumerate(self.blocks):
+            x = block.self_attend(x, rope, cache, i)
+            if block.cca is not None:
+                if not encoded:  # Algorithm 1: encode at the first CCA layer, after its self-attention
+                    memory, encoded = self.encode_neighbors(x, neighbors, start, cache), True
+                x = block.cross_attend(x, memory, start, cache, i)
+            x = x + block.ff(block.norm_ff(x))
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm_out(x))  # (B, T, V)
+
+    def encode_neighbors(self, h: Tensor, neighbors: Tensor | None, start: int,
+                         cache: RetroCache | None) -> tuple[Tensor, Tensor] | None:
+        """Encode the neighbours of the chunks that complete in this call, each conditioned on its
+        chunk's decoder states h (B, t, D). Without a cache, returns (memory (B, L, K*R, E), valid
+        (B, L, K*R)) or None; with one, appends them to cache.memory / cache.valid."""
+        M, T = self.chunk_len, h.shape[1]
+        if cache is not None:
+            cache.cond[:, start:start + T] = h
+            h = cache.cond[:, : start + T]
+        first_new, n_done = start // M, (start + T) // M  # chunks first_new..n_done-1 complete now
+        if neighbors is None or n_done == first_new:
+            if cache is not None and cache.memory and n_done > len(cache.memory):
+                raise ValueError("retrieval is on for this cache: pass the neighbors of every chunk that completes")
+            return None
+        n = n_done - first_new if cache is not None else min(n_done, neighbors.shape[1])
+        if cache is not None and len(cache.memory) != first_new:
+            raise ValueError("retrieval was off for earlier chunks of this cache; it cannot be switched on midway")
+        if cache is not None and neighbors.shape[1] != n:
+            raise ValueError(f"expected neighbors for the {n} chunk(s) completed by these tokens, got {neighbors.shape[1]}")
+        memory, valid = self.run_encoder(neighbors[:, :n], h[:, first_new * M: (first_new + n) * M])
+        if cache is None:
+            return memory, valid
+        cache.memory.extend(memory.split(1, dim=1))
+        cache.valid.extend(valid.split(1, dim=1))
+        return None
+
+    def run_encoder(self, neighbors: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """neighbors (B, L, K, R) token ids, h (B, L*M, D) -> memory (B, L, K*R, E), valid (B, L, K*R)."""
+        B, L, K, R = neighbors.shape
+        M = self.chunk_len
+        valid = neighbors >= 0  # (B, L, K, R)
+        emb = self.token_emb(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, D)
+        cond = h.reshape(B, L, 1, M, -1).expand(B, L, K, M, h.shape[-1]).reshape(B * L * K, M, -1)  # (B*L*K, M, D)
+        encoded = self.encoder(emb, valid.view(B * L * K, R), cond)  # (B*L*K, R, E)
+        return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
+
+    # -- utilities ----------------------------------------------------------------------------------
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> RetroCache:
+        """Preallocated cache for up to max_len tokens (dtype: that of the activations, e.g. bf16)."""
+        p = self.token_emb.weight
+        attn = self.blocks[0].attn
+        kv_shape = (batch_size, attn.n_head, max_len, attn.head_dim)
+        dtype = dtype or p.dtype
+        return RetroCache(keys=[p.new_zeros(kv_shape, dtype=dtype) for _ in self.blocks],
+                          values=[p.new_zeros(kv_shape, dtype=dtype) for _ in self.blocks],
+                          cond=p.new_zeros(batch_size, max_len, self.d_model, dtype=dtype))
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """nanoGPT grouping: matrices (p.dim() >= 2) decay; norms and biases do not."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: embedding (+ head unless tied), decoder blocks, encoder, total."""
+        count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+        embedding = self.token_emb.weight.numel()
+        head = 0 if self.lm_head.weight is self.token_emb.weight else self.lm_head.weight.numel()
+        encoder = count(self.encoder.parameters()) if self.encoder is not None else 0
+        total = count({id(p): p for p in self.parameters()}.values())
+        return {"embedding": embedding + head, "decoder": total - embedding - head - encoder,
+                "encoder": encoder, "total": total}

@@ -1,0 +1,189 @@
+"""Behavioural tests of the RETRO model: shapes, causality, CCA semantics, masking, caching, bf16."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retro_lit.model import (ChunkedCrossAttention, NearestNeighborEncoder, RetroConfig, RetroModel,
+                             apply_rope, rope_cos_sin)
+
+M, K, B = 4, 2, 2
+R = 2 * M
+
+
+def tiny(**overrides) -> RetroModel:
+    cfg = dict(vocab_size=50, chunk_size=M, d_model=32, n_layer=3, n_head=2, head_dim=8, d_ff=64,
+               cca_layers=(1, 2), enc_n_layer=2, enc_cross_layers=(0,))
+    cfg.update(overrides)
+    return RetroModel.from_config(RetroConfig(**cfg)).eval()
+
+
+def random_batch(T=16, vocab=50, n_chunks=None):
+    L = n_chunks if n_chunks is not None else T // M
+    return torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, L, K, R))
+
+
+def test_shapes_and_param_counts():
+    model = tiny()
+    tokens, neighbors = random_batch()
+    assert model(tokens, neighbors).shape == (B, 16, 50)
+    memory, valid = model.run_encoder(neighbors, torch.randn(B, 16, 32))
+    assert memory.shape == (B, 4, K * R, 32) and valid.shape == (B, 4, K * R)
+    counts = model.num_params()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["encoder"] > 0 and counts["decoder"] > 0
+
+
+def test_decoder_causality():
+    model = tiny()
+    tokens, neighbors = random_batch()
+    base = model(tokens, neighbors)
+    for t in (3, 9):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 50
+        out = model(changed, neighbors)
+        torch.testing.assert_close(out[:, :t], base[:, :t])
+        assert not torch.allclose(out[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("u", [0, 1, 3])
+def test_retrieval_causality(u):
+    """Neighbours of chunk u reach only positions >= (u+1)*M - 1 (the last token of chunk u onwards)."""
+    model = tiny()
+    tokens, neighbors = random_batch()
+    base = model(tokens, neighbors)
+    changed = neighbors.clone()
+    changed[:, u] = torch.randint(0, 50, (B, K, R))
+    out = model(tokens, changed)
+    boundary = (u + 1) * M - 1
+    torch.testing.assert_close(out[:, :boundary], base[:, :boundary])
+    assert not torch.allclose(out[:, boundary], base[:, boundary])
+
+
+def reference_cca(cca: ChunkedCrossAttention, x, memory, valid):
+    """Slow, obviously-correct CCA: a loop over positions with explicit masks and manual softmax."""
+    attn, H, Dh = cca.attn, cca.attn.n_head, cca.attn.head_dim
+    Bx, T, D = x.shape
+    out = torch.zeros_like(x)
+    for b in range(Bx):
+        for p in range(T):
+            u = (p + 1) // M - 1  # the chunk whose neighbours p may see
+            if u < 0 or u >= memory.shape[1] or not valid[b, u].any():
+                continue
+            i = p - ((u + 1) * M - 1)  # index of p in the attending chunk
+            q = attn.query(x[b, p]).view(H, Dh)
+            kv = attn.key_value(memory[b, u]).view(-1, 2, H, Dh)
+            k, v = kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1)  # (H, K*R, Dh)
+            q = apply_rope(q[:, None], *rope_cos_sin(torch.tensor([M - 1 + i]), Dh, cca.rope_base))[:, 0]
+            k = apply_rope(k, *rope_cos_sin(torch.arange(k.shape[1]) % R, Dh, cca.rope_base))
+            scores = (k @ q[:, :, None])[..., 0] / math.sqrt(Dh)  # (H, K*R)
+            scores = scores.masked_fill(~valid[b, u], float("-inf"))
+            out[b, p] = attn.out((scores.softmax(-1)[:, :, None] * v).sum(1).flatten())
+    return out
+
+
+@pytest.mark.parametrize("T", [16, 13, 3])
+def test_cca_matches_reference(T):
+    torch.manual_seed(1)
+    cca = ChunkedCrossAttention(d_model=16, n_head=2, head_dim=8, chunk_len=M, d_memory=12)
+    L = max(T // M, 1)
+    x, memory = torch.randn(B, T, 16), torch.randn(B, L, K * R, 12)
+    valid = torch.rand(B, L, K * R) > 0.3
+    valid[0, 0] = False  # a chunk with no neighbour at all
+    got = cca(x, cca.project(memory), valid)
+    torch.testing.assert_close(got, reference_cca(cca, x, memory, valid), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_neighbor_equals_removed_neighbor():
+    model = tiny()
+    tokens, neighbors = random_batch()
+    masked = neighbors.clone()
+    masked[:, :, 1] = -1  # second neighbour slot missing everywhere
+    torch.testing.assert_close(model(tokens, masked), model(tokens, neighbors[:, :, :1]))
+
+
+def test_all_padding_neighbors_equal_retrieval_off():
+    model = tiny()
+    tokens, neighbors = random_batch()
+    out = model(tokens, torch.full_like(neighbors, -1))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, model(tokens, None))
+
+
+def test_retrieval_off_equals_model_without_cca():
+    model = tiny()
+    plain = tiny(cca_layers=())
+    state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
+    plain.load_state_dict(state)
+    tokens, _ = random_batch()
+    torch.testing.assert_close(model(tokens), plain(tokens))
+
+
+def test_any_length_and_any_k():
+    model = tiny()
+    for T, L, k in [(13, 3, 2), (5, 1, 4), (2, 0, 1)]:
+        tokens = torch.randint(0, 50, (B, T))
+        neighbors = torch.randint(0, 50, (B, L, k, R))
+        assert torch.isfinite(model(tokens, neighbors)).all()
+
+
+def test_heads_times_dk_differs_from_d_model():
+    """The original quick-start config: n_heads * d_k = 256 != d_model = 128."""
+    encoder = NearestNeighborEncoder(chunk_len=M, n_layers=2, d_model=128, d_ff=256, n_heads=16, d_k=16, ca_layers={1})
+    model = RetroModel(50, 128, 4, M, 16, 16, 256, encoder, ca_layers={1, 3})
+    tokens, neighbors = random_batch()
+    assert model(tokens, neighbors).shape == (B, 16, 50)
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    model = tiny().train()
+    tokens, neighbors = random_batch()
+    neighbors[0, 1] = -1
+    F.cross_entropy(model(tokens, neighbors).flatten(0, 1), tokens.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_bf16_autocast_forward_backward():
+    model = tiny().train()
+    tokens, neighbors = random_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(tokens, neighbors).flatten(0, 1).float(), tokens.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_kv_cache_matches_full_forward():
+    """Prefill + one token at a time, retrieving as chunks complete, equals one full forward."""
+    model = tiny()
+    T = 15
+    tokens, neighbors = random_batch(T=T, n_chunks=T // M)
+    full = model(tokens, neighbors)
+    cache = model.new_cache(B, 32)
+    steps = [tokens[:, :6]] + [tokens[:, i:i + 1] for i in range(6, T)]
+    outs, pos = [], 0
+    for step in steps:
+        done = range(pos // M, (pos + step.shape[1]) // M)  # chunks completed by these tokens
+        outs.append(model(step, neighbors[:, done.start:done.stop] if len(done) else None, cache=cache))
+        pos += step.shape[1]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_overfits_one_batch():
+    model = tiny().train()
+    tokens, neighbors = random_batch()
+    opt = torch.optim.AdamW(model.param_groups(0.01), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model(tokens[:, :-1], None).flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_config_validation_names_the_flag():
+    with pytest.raises(ValueError, match="cca_layers"):
+        RetroConfig(n_layer=2, cca_layers=(5,))
