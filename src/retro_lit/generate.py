@@ -1,0 +1,269 @@
+"""Sampling from a RETRO model with live retrieval (paper §2.4): every time a chunk of M tokens completes,
+its neighbours are looked up, encoded once (the model's cache keeps them), and decoding goes on.
+
+Model level (no files): `generate(model, prompt_ids, retrieve, ...)`, where `retrieve(chunk (B, M)) ->
+neighbours (B, K, R)` is any callable. Workspace level: `IndexRetriever` builds `retrieve` from a
+`RetroIndex` (embed the chunk text, search faiss, read neighbour + continuation tokens) and remembers
+the last lookup for `--show_retrieval`. The command: `retro-lit generate` (`generate_main`).
+
+When `retrieve` is called: the neighbours of chunk u are first read at position (u+1)*M - 1, the chunk's
+last token. So `retrieve` runs for chunk u right before that token is fed to the model: in the prefill for
+every complete chunk of the prompt, then as soon as a sampled token completes a chunk. A chunk completed
+by the very last sampled token is not looked up, since no later prediction reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+Retrieve = Callable[[Tensor], Tensor]  # chunk tokens (B, M) -> neighbour tokens (B, K, R), -1 = none
+OnRetrieval = Callable[[int, Tensor, Tensor], None]  # (chunk index u, chunk (B, M), neighbours (B, K, R))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids (B,) from logits (B, V): greedy when temperature <= 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+
+
+# ----------------------------------------------------------------------------- model-level generation
+
+class ChunkNeighbors:
+    """The neighbours retrieved so far, one (B, K, R) tensor per completed chunk, fetched once each."""
+
+    def __init__(self, retrieve: Retrieve | None, chunk_len: int, on_retrieval: OnRetrieval | None = None):
+        self.retrieve, self.chunk_len, self.on_retrieval = retrieve, chunk_len, on_retrieval
+        self.chunks: list[Tensor] = []
+
+    def update(self, tokens: Tensor) -> Tensor | None:
+        """Retrieve for the chunks of tokens (B, T) completed since the last call -> (B, n, K, R) or None."""
+        if self.retrieve is None:
+            return None
+        M, first = self.chunk_len, len(self.chunks)
+        for u in range(first, tokens.shape[1] // M):
+            chunk = tokens[:, u * M:(u + 1) * M]  # (B, M)
+            found = torch.as_tensor(self.retrieve(chunk), dtype=torch.long).to(tokens.device)  # (B, K, R)
+            if found.dim() != 3 or found.shape[0] != tokens.shape[0]:
+                raise ValueError(f"retrieve must return (B, K, R) neighbour tokens, got shape {tuple(found.shape)}")
+            if self.on_retrieval is not None:
+                self.on_retrieval(u, chunk, found)
+            self.chunks.append(found)
+        return torch.stack(self.chunks[first:], dim=1) if len(self.chunks) > first else None  # (B, n, K, R)
+
+    def all(self) -> Tensor | None:
+        return torch.stack(self.chunks, dim=1) if self.chunks else None  # (B, L, K, R)
+
+
+def activation_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype when autocast is on for `device` (e.g. bfloat16), else `default`."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
+
+
+def new_cache_or_none(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype):
+    """model.new_cache(...), or None for models without a KV cache (generation then recomputes)."""
+    try:
+        return model.new_cache(batch_size, max_len, dtype)
+    except (NotImplementedError, AttributeError):
+        log.info("%s has no KV cache: generation recomputes the whole prefix at every token", type(model).__name__)
+        return None
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = None, max_new_tokens: int = 64,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_cache: bool = True, on_retrieval: OnRetrieval | None = None) -> Tensor:
+    """Sample `max_new_tokens` after `prompt_ids` (T0,) or (B, T0) -> tokens (B, T0 + max_new_tokens).
+
+    retrieve: chunk (B, M) -> neighbours (B, K, R) (-1 = no token), called once per completed chunk, live;
+        None generates with retrieval OFF.
+    temperature <= 0 is greedy; top_k / top_p restrict sampling; seed makes sampling reproducible.
+    use_cache: KV cache for self-attention and cached encoded neighbours; a model whose `new_cache` or cached
+        forward raises NotImplementedError (e.g. RETRO-fit) falls back to recomputing the prefix.
+    on_retrieval(u, chunk, neighbours) is called after each lookup. Under autocast the cache takes its dtype.
+    """
+    device = next(model.parameters()).device
+    tokens = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).to(device=device, dtype=torch.long)  # (B, T0)
+    if tokens.shape[1] == 0:
+        raise ValueError("generate needs a prompt of at least one token")
+    B, T0 = tokens.shape
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    neighbors = ChunkNeighbors(retrieve, model.chunk_len, on_retrieval)
+    dtype = activation_dtype(device, next(model.parameters()).dtype)
+    cache = new_cache_or_none(model, B, T0 + max_new_tokens, dtype) if use_cache else None
+    new = tokens  # the tokens the model has not seen yet: the prompt, then one token at a time
+    for _ in range(max_new_tokens):
+        completed = neighbors.update(tokens)  # (B, n, K, R) for chunks completed by `new`, or None
+        logits = None
+        if cache is not None:
+            try:
+                logits = model(new, completed, cache=cache)[:, -1]  # (B, V)
+            except NotImplementedError:
+                log.info("%s does not decode with a cache: recomputing the prefix", type(model).__name__)
+                cache = None
+        if logits is None:
+            logits = model(tokens, neighbors.all())[:, -1]  # (B, V), the whole prefix again
+        new = sample_next(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+        tokens = torch.cat([tokens, new], dim=1)  # (B, T + 1)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- workspace level
+
+class IndexRetriever:
+    """`retrieve` for `generate` from a `RetroIndex`: embed each chunk's text, search faiss for k neighbours
+    (skipping `exclude_docs`), return their [neighbour, continuation] tokens (B, K, R). `last` holds the
+    last lookup (`retro_lit.index.Retrieved`: ids, distances, tokens, doc ids, doc names)."""
+
+    def __init__(self, index, k: int, exclude_docs: list[int] | None = None):
+        self.index, self.k, self.exclude_docs = index, k, exclude_docs
+        self.last = None
+
+    def __call__(self, chunk: Tensor) -> Tensor:
+        self.last = self.index.search(chunk.detach().cpu(), k=self.k, exclude_docs=self.exclude_docs)
+        return torch.as_tensor(self.last.tokens, dtype=torch.long)  # (B, K, R)
+
+
+def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) -> str:
+    """Readable report of one lookup: the query chunk, then each neighbour's distance, source and text."""
+    def text(ids) -> str:
+        return repr(tokenizer.decode([int(t) for t in ids if t >= 0]))
+
+    lines = []
+    for b in range(chunk.shape[0]):
+        where = f"chunk {u} (tokens {u * chunk_len}-{(u + 1) * chunk_len - 1})" + (f", sample {b}" if chunk.shape[0] > 1 else "")
+        lines.append(f"[retrieval] {where}: {text(chunk[b].tolist())}")
+        for j in range(found.ids.shape[1]):
+            if found.ids[b, j] < 0:
+                lines.append(f"  {j + 1}. (none)")
+                continue
+            neighbor, continuation = found.tokens[b, j, :chunk_len], found.tokens[b, j, chunk_len:]
+            lines.append(f"  {j + 1}. distance {found.distances[b, j]:.4f}  doc {found.doc_ids[b, j]} "
+                         f"{found.doc_names[b][j]!r}  chunk {found.ids[b, j]}")
+            lines.append(f"     neighbor:     {text(neighbor)}")
+            lines.append(f"     continuation: {text(continuation)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checkpoints and the command
+
+class CommandError(Exception):
+    """Bad input to a retro-lit command: reported as one `error: ...` line, exit status 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that raises `CommandError` instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise CommandError(message)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available")
+    return torch.device(device)
+
+
+def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
+    """(model in eval mode on `device`, the datamodule hparams saved with it or {}) from a RetroLM checkpoint."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CommandError(f"no checkpoint at {path}")
+    from retro_lit.lit import RetroLM
+
+    lm = RetroLM.load_from_checkpoint(path, map_location=device)
+    raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return lm.model.eval().to(device), dict(raw.get("datamodule_hyper_parameters") or {})
+
+
+def precision_context(precision: str, device: torch.device):
+    """bf16 autocast for `bf16`, nothing for `32` (fp16 is not offered: ~100x slower on CPU)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "32":
+        raise CommandError(f"--precision must be 32 or bf16, got {precision!r}")
+    return torch.autocast(device.type, enabled=False)
+
+
+def generate_parser() -> CommandParser:
+    p = CommandParser(prog="retro-lit generate", description="Sample text from a RETRO checkpoint with live retrieval.")
+    p.add_argument("--ckpt_path", required=True, help="RetroLM checkpoint (.ckpt)")
+    p.add_argument("--workspace", required=True, help="built workspace: tokenizer, chunk database and faiss index")
+    p.add_argument("--prompt", required=True, help="prompt text, or @file to read it from a file")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to sample")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--neighbors", type=int, default=None, help="neighbours per chunk (default: the training K, else 2)")
+    p.add_argument("--show_retrieval", action="store_true", help="print every lookup: query chunk, neighbours, distances, documents")
+    p.add_argument("--no_retrieval", action="store_true", help="generate with retrieval OFF")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix at every token (slow; for checks)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
+    return p
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """`retro-lit generate`: print the prompt and its continuation; bad input -> one `error:` line, exit 2."""
+    from retro_lit.corpus import RetroDataError
+
+    try:
+        args = generate_parser().parse_args(argv)
+        return _run_generate(args)
+    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from retro_lit.database import open_workspace
+    from retro_lit.index import RetroIndex
+
+    if args.max_new_tokens < 0 or (args.neighbors is not None and args.neighbors <= 0):
+        raise CommandError("--max_new_tokens must be >= 0 and --neighbors > 0")
+    device = resolve_device(args.device)
+    model, data_hparams = load_checkpoint(args.ckpt_path, device)
+    ws = open_workspace(args.workspace)
+    if ws.chunk_len != model.chunk_len:
+        raise CommandError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {args.workspace} has {ws.chunk_len}")
+    prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
+    prompt_ids = torch.tensor(ws.tokenizer.encode(prompt), dtype=torch.long)
+    if len(prompt_ids) == 0:
+        raise CommandError("--prompt is empty after tokenization")
+    retriever, on_retrieval = None, None
+    if not args.no_retrieval:
+        k = args.neighbors or int(data_hparams.get("num_neighbors", 2))
+        retriever = IndexRetriever(RetroIndex(ws.root, ws.chunk_len, device=str(device)), k)
+        if args.show_retrieval:
+            def on_retrieval(u, chunk, found):
+                print(format_retrieval(u, chunk, retriever.last, ws.tokenizer, ws.chunk_len), flush=True)
+    with precision_context(args.precision, device):
+        tokens = generate(model, prompt_ids, retriever, args.max_new_tokens, args.temperature, args.top_k,
+                          args.top_p, args.seed, use_cache=not args.no_cache, on_retrieval=on_retrieval)
+    print(ws.tokenizer.decode(tokens[0].tolist()))
+    return 0

@@ -1,0 +1,123 @@
+"""Generation with live retrieval: KV cache == recomputation, retrieval exactly at chunk boundaries."""
+import pytest
+import torch
+
+from retro_lit.generate import generate, sample_next
+from retro_lit.model import RetroConfig, RetroModel
+
+M, K, V = 4, 2, 50
+R = 2 * M
+
+
+def tiny() -> RetroModel:
+    cfg = RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=3, n_head=2, head_dim=8, d_ff=64,
+                      cca_layers=(1, 2), enc_n_layer=2, enc_cross_layers=(0,), init_std=0.2)
+    return RetroModel.from_config(cfg).eval()
+
+
+def fake_retrieve(chunk: torch.Tensor) -> torch.Tensor:
+    """Deterministic neighbours (B, K, R) that depend on the chunk; the second neighbour has no continuation."""
+    B = chunk.shape[0]
+    base = (chunk.sum(-1, keepdim=True) + torch.arange(R)) % V  # (B, R)
+    neighbors = torch.stack([base, (base * 7 + 3) % V], dim=1)  # (B, K, R)
+    neighbors[:, 1, M:] = -1
+    return neighbors.expand(B, K, R).clone()
+
+
+@pytest.mark.parametrize("prompt_len", [1, 4, 9])
+def test_greedy_with_cache_equals_recomputation(prompt_len):
+    model = tiny()
+    prompt = torch.randint(0, V, (2, prompt_len))
+    cached = generate(model, prompt, fake_retrieve, max_new_tokens=14, temperature=0.0)
+    recomputed = generate(model, prompt, fake_retrieve, max_new_tokens=14, temperature=0.0, use_cache=False)
+    assert cached.shape == (2, prompt_len + 14)
+    torch.testing.assert_close(cached, recomputed)
+    assert torch.equal(cached[:, :prompt_len], prompt)
+
+
+def test_greedy_without_retrieval_matches_too():
+    model = tiny()
+    prompt = torch.randint(0, V, (1, 5))
+    torch.testing.assert_close(generate(model, prompt, None, 10, temperature=0.0),
+                               generate(model, prompt, None, 10, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize("prompt_len,use_cache", [(6, True), (8, True), (6, False)])
+def test_retrieval_happens_exactly_when_a_chunk_completes(prompt_len, use_cache):
+    """Chunk u is looked up once, before the model reads its last token (u+1)*M - 1, after reading the rest."""
+    model = tiny()
+    fed = []  # tokens the model has read before each forward
+
+    def count_tokens(module, args, kwargs):
+        fed.append(args[0].shape[1] if kwargs.get("cache") is not None else 0)
+
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+    calls = []
+
+    def retrieve(chunk):
+        calls.append((sum(fed), chunk.clone()))
+        return fake_retrieve(chunk)
+
+    new = 13
+    tokens = generate(model, torch.randint(0, V, (1, prompt_len)), retrieve, new, temperature=0.0, use_cache=use_cache)
+    n_chunks = (prompt_len + new - 1) // M  # chunks whose last token is fed to the model
+    assert len(calls) == n_chunks
+    for u, (read, chunk) in enumerate(calls):
+        assert torch.equal(chunk, tokens[:, u * M:(u + 1) * M])
+        if use_cache:  # prompt chunks in the prefill, later ones right before their last token is fed
+            assert read == (0 if (u + 1) * M <= prompt_len else (u + 1) * M - 1)
+
+
+def test_on_retrieval_reports_each_lookup():
+    seen = []
+    tokens = generate(tiny(), torch.randint(0, V, (1, 2)), fake_retrieve, 9, temperature=0.0,
+                      on_retrieval=lambda u, chunk, found: seen.append((u, found.shape)))
+    assert seen == [(0, (1, K, R)), (1, (1, K, R))] and tokens.shape == (1, 11)
+
+
+class NoCacheModel(RetroModel):
+    """Stands in for RETRO-fit models that cannot decode incrementally."""
+
+    def new_cache(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+def test_model_without_cache_falls_back_to_recomputation():
+    model = tiny()
+    no_cache = NoCacheModel.from_config(RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=3, n_head=2,
+                                                    head_dim=8, d_ff=64, cca_layers=(1, 2), init_std=0.2)).eval()
+    no_cache.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, V, (1, 5))
+    torch.testing.assert_close(generate(no_cache, prompt, fake_retrieve, 10, temperature=0.0),
+                               generate(model, prompt, fake_retrieve, 10, temperature=0.0))
+
+
+def test_bf16_autocast_makes_a_bf16_cache(monkeypatch):
+    model = tiny()
+    dtypes = []
+    original = model.new_cache
+
+    def spy(batch_size, max_len, dtype=None):
+        dtypes.append(dtype)
+        return original(batch_size, max_len, dtype)
+
+    monkeypatch.setattr(model, "new_cache", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = generate(model, torch.randint(0, V, (1, 5)), fake_retrieve, 6, temperature=0.0)
+    assert dtypes == [torch.bfloat16] and tokens.shape == (1, 11)
+
+
+def test_sampling_is_seeded_and_filters():
+    logits = torch.randn(3, V)
+    assert torch.equal(sample_next(logits, 1.0, top_k=1), logits.argmax(-1))
+    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1))
+    a = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_next(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    top3 = logits.topk(3, -1).indices
+    for _ in range(5):
+        assert (sample_next(logits, 2.0, top_k=3)[:, None] == top3).any(-1).all()
+    model = tiny()
+    prompt = torch.randint(0, V, (1, 3))
+    runs = [generate(model, prompt, fake_retrieve, 8, temperature=1.0, top_k=10, seed=7) for _ in range(2)]
+    assert torch.equal(*runs)
