@@ -1,0 +1,419 @@
+"""Bits-per-byte of a RETRO checkpoint with retrieval ON (several k), OFF, and against a baseline, plus the
+paper's leakage-filtered bpb(alpha) (§2.6).
+
+- **Sliding window** (paper §4.1): a document longer than the context T is read in windows of T tokens with
+  stride T/2 (rounded down to whole chunks, so windows stay chunk-aligned and the chunks of a window are the
+  document's chunks); each token is scored once, by the first window that holds it past the previous window's
+  end, so every token after the first T has at least T/2 tokens of context. A document's first token has no
+  prediction and is not scored.
+- **Retrieval**: the neighbours of each chunk of a document are looked up once (live with `RetroIndex`, or read
+  from the workspace's precomputed neighbour files when they have enough k) and every window reuses them. Text
+  already in the database (the train split) skips neighbours from its own document; other text retrieves from
+  the whole database. Retrieval ON at k uses the first k neighbours.
+- **bpb(alpha)**: for each evaluation chunk C, r(C) = (longest common contiguous token run between C and any of
+  its `leakage_k` neighbours, each neighbour chunk + continuation) / M. bpb(alpha) sums nats and bytes only over
+  the target tokens of chunks with r(C) <= alpha; the same chunks count for every model compared.
+- bits-per-byte = nats / ln 2 / UTF-8 bytes of the scored tokens (`tokenizer.token_bytes`); perplexity is per
+  LM token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+# ----------------------------------------------------------------------------- model level
+
+class Window(NamedTuple):
+    """The model reads tokens[start:end] and predicts tokens[start+1:end+1]; inputs score_from..end-1 count."""
+    start: int
+    end: int
+    score_from: int
+
+
+def window_stride(seq_len: int, chunk_len: int) -> int:
+    """seq_len / 2 rounded down to whole chunks (at least one chunk)."""
+    return max(chunk_len, (seq_len // 2) // chunk_len * chunk_len)
+
+
+def sliding_windows(n_tokens: int, seq_len: int, chunk_len: int) -> list[Window]:
+    """Chunk-aligned windows of at most seq_len inputs, stride seq_len/2 (whole chunks), that score each of
+    the n_tokens - 1 predictions exactly once with the longest context on offer."""
+    n_inputs = n_tokens - 1  # the last token is only a target
+    stride = window_stride(seq_len, chunk_len)
+    windows, start, scored = [], 0, 0
+    while scored < n_inputs:
+        end = min(start + seq_len, n_inputs)
+        windows.append(Window(start, end, scored))
+        scored, start = end, start + stride
+    return windows
+
+
+def longest_common_substring(chunks: np.ndarray, neighbors: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Length of the longest contiguous token run shared by each chunk (N, M) and any one of its neighbours
+    (N, K, R) -> (N,) int64. Negative tokens (padding, no token) never match; runs never span two neighbours."""
+    chunks, neighbors = np.asarray(chunks, dtype=np.int64), np.asarray(neighbors, dtype=np.int64)
+    best = np.zeros(len(chunks), dtype=np.int64)
+    if neighbors.size == 0:
+        return best
+    for lo in range(0, len(chunks), batch):
+        a, b = chunks[lo:lo + batch], neighbors[lo:lo + batch]  # (n, M), (n, K, R)
+        run = np.zeros(b.shape, dtype=np.int64)  # common run ending at (chunk token i, neighbour token j)
+        for i in range(a.shape[1]):
+            token = a[:, i, None, None]  # (n, 1, 1)
+            match = (b == token) & (token >= 0)  # (n, K, R)
+            shifted = np.zeros_like(run)
+            shifted[..., 1:] = run[..., :-1]  # run ending at (i-1, j-1)
+            run = np.where(match, shifted + 1, 0)
+            best[lo:lo + batch] = np.maximum(best[lo:lo + batch], run.max(axis=(1, 2)))
+    return best
+
+
+@torch.inference_mode()
+def score_document(model: nn.Module, tokens: Tensor, neighbors: Tensor | None, seq_len: int, batch_size: int = 8,
+                   on_window: Callable[[], None] | None = None) -> Tensor:
+    """nats (N-1,) float64 of predicting tokens[1:] of one document tokens (N,), through sliding windows.
+
+    neighbors: (C, K, R) token ids of every chunk of the document (C = ceil(N / M)), -1 = no token; None is
+    retrieval OFF. Windows of equal length run as one batch.
+    """
+    M = model.chunk_len
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    nats = torch.zeros(max(len(tokens) - 1, 0), dtype=torch.float64)
+    groups: dict[int, list[Window]] = defaultdict(list)
+    for w in sliding_windows(len(tokens), seq_len, M):
+        groups[w.end - w.start].append(w)
+    for length, windows in groups.items():
+        L = length // M  # complete chunks in a window
+        for lo in range(0, len(windows), batch_size):
+            batch = windows[lo:lo + batch_size]
+            inputs = torch.stack([tokens[w.start:w.end] for w in batch])  # (b, T)
+            targets = torch.stack([tokens[w.start + 1:w.end + 1] for w in batch])  # (b, T)
+            window_neighbors = None
+            if neighbors is not None and L > 0:
+                window_neighbors = torch.stack([neighbors[w.start // M:w.start // M + L] for w in batch]).to(device)  # (b, L, K, R)
+            logits = model(inputs, window_neighbors)  # (b, T, V)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            for row, w in enumerate(batch):
+                nats[w.score_from:w.end] = ce[row, w.score_from - w.start:].double().cpu()
+                if on_window is not None:
+                    on_window()
+    return nats
+
+
+def per_chunk(values: np.ndarray, chunk_len: int, n_chunks: int) -> np.ndarray:
+    """Sum per-prediction values (N-1,) (the prediction of token q is values[q-1]) per chunk q // M -> (C,)."""
+    chunk_of_target = np.arange(1, len(values) + 1) // chunk_len
+    return np.bincount(chunk_of_target, weights=values, minlength=n_chunks)[:n_chunks]
+
+
+def filtered_bpb(nats: np.ndarray, n_bytes: np.ndarray, overlap: np.ndarray, alpha: float) -> float:
+    """bpb over the chunks whose overlap ratio r <= alpha (per-chunk nats, bytes and r, each (C,)); nan if none."""
+    keep = overlap <= alpha + 1e-9
+    total_bytes = n_bytes[keep].sum()
+    return float(nats[keep].sum() / math.log(2) / total_bytes) if total_bytes > 0 else math.nan
+
+
+def summarize(nats: dict[str, np.ndarray], n_bytes: np.ndarray, n_tokens: np.ndarray, overlap: np.ndarray,
+              ks: dict[str, int | None], alphas: Sequence[float] = ALPHAS) -> dict:
+    """Per-model loss, perplexity, bpb and bpb(alpha), plus the fraction of chunks (and bytes) each alpha keeps."""
+    models = {}
+    for name, values in nats.items():
+        loss = float(values.sum() / max(n_tokens.sum(), 1))
+        models[name] = {"k": ks.get(name), "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+                        "bpb": float(values.sum() / math.log(2) / max(n_bytes.sum(), 1)),
+                        "bpb_alpha": {a: filtered_bpb(values, n_bytes, overlap, a) for a in alphas}}
+    scored = n_tokens > 0
+    return {"models": models,
+            "kept_fraction": {a: float((overlap[scored] <= a + 1e-9).mean()) if scored.any() else math.nan for a in alphas},
+            "kept_bytes_fraction": {a: float(n_bytes[overlap <= a + 1e-9].sum() / max(n_bytes.sum(), 1)) for a in alphas}}
+
+
+# ----------------------------------------------------------------------------- documents and neighbours
+
+@dataclass
+class EvalDocument:
+    name: str
+    tokens: np.ndarray  # (N,) int64
+    doc_id: int | None = None  # document index in the workspace (for same-document exclusion and file lookups)
+
+
+def workspace_documents(ws, split: str) -> Iterator[EvalDocument]:
+    """The documents of a workspace split, as their LM tokens (chunk padding removed)."""
+    first, end = ws.split_range(split)
+    docs = ws.documents
+    for d in np.unique(np.asarray(ws.chunk_doc[first:end])):
+        lo, hi = int(ws.doc_offsets[d]), int(ws.doc_offsets[d + 1])
+        tokens = np.asarray(ws.chunks[lo:hi], dtype=np.int64).reshape(-1)[: int(docs[d]["n_tokens"])]  # (N,)
+        yield EvalDocument(docs[d]["name"], tokens, int(d))
+
+
+def corpus_documents(source: str | Path, tokenizer) -> Iterator[EvalDocument]:
+    """Documents of an outside corpus (any source `retro_lit.corpus` reads), tokenized with the LM tokenizer."""
+    from retro_lit.corpus import iter_documents
+
+    for doc in iter_documents(source):
+        yield EvalDocument(doc.name, np.asarray(tokenizer.encode(doc.text), dtype=np.int64))
+
+
+def chunk_rows(tokens: np.ndarray, chunk_len: int) -> np.ndarray:
+    """A document's tokens (N,) -> chunks (ceil(N/M), M), the last one padded with -1."""
+    n_chunks = -(-len(tokens) // chunk_len)
+    rows = np.full(n_chunks * chunk_len, -1, dtype=np.int64)
+    rows[: len(tokens)] = tokens
+    return rows.reshape(n_chunks, chunk_len)
+
+
+class LiveNeighbors:
+    """Neighbour tokens (C, k, R) of every chunk of a document, looked up now with a `RetroIndex`;
+    `exclude_own_doc` for text that is in the database (the train split)."""
+
+    def __init__(self, index, k: int, exclude_own_doc: bool):
+        self.index, self.k, self.exclude_own_doc = index, k, exclude_own_doc
+
+    def __call__(self, doc: EvalDocument, chunks: np.ndarray) -> np.ndarray:
+        exclude = [doc.doc_id] if self.exclude_own_doc and doc.doc_id is not None else None
+        return self.index.search(torch.from_numpy(chunks), k=self.k, exclude_docs=exclude).tokens  # (C, k, R)
+
+
+class PrecomputedNeighbors:
+    """Neighbour tokens from a workspace's `neighbors/k{K}_t{T}/<split>.npy` (first k columns)."""
+
+    def __init__(self, ws, split: str, k: int, file_k: int, seq_len: int):
+        self.ws, self.k = ws, k
+        self.ids = ws.neighbors(split, file_k, seq_len)  # (n_chunks_of_split, K)
+        self.first = ws.split_range(split)[0]
+
+    def __call__(self, doc: EvalDocument, chunks: np.ndarray) -> np.ndarray:
+        lo = int(self.ws.doc_offsets[doc.doc_id]) - self.first
+        return self.ws.neighbor_tokens(np.asarray(self.ids[lo:lo + len(chunks), : self.k]))  # (C, k, R)
+
+
+def precomputed_file_k(ws, split: str, k: int, seq_len: int) -> int | None:
+    """K of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
+    exclusion never applies (the database is the train split), so any seq_len will do."""
+    from retro_lit.database import SPLIT_ALIASES
+
+    name = SPLIT_ALIASES.get(split, split)
+    for path in sorted((ws.root / "neighbors").glob(f"k*_t*/{name}.npy")):
+        file_k, file_t = (int(part[1:]) for part in path.parent.name.split("_"))
+        if file_k >= k and (file_t == seq_len or name != "train"):
+            return file_k
+    return None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class Scorer(NamedTuple):
+    model: nn.Module
+    k: int | None  # neighbours per chunk; None = retrieval OFF
+
+
+def evaluate_documents(scorers: dict[str, Scorer], documents: Iterable[EvalDocument],
+                       neighbors_of: Callable[[EvalDocument, np.ndarray], np.ndarray] | None, token_bytes: np.ndarray,
+                       seq_len: int, chunk_len: int, leakage_k: int | None = None, alphas: Sequence[float] = ALPHAS,
+                       batch_size: int = 8, progress=None) -> dict:
+    """Score every document with every scorer; returns `summarize(...)` plus counts.
+
+    neighbors_of(doc, chunks (C, M)) -> (C, K_max, R) neighbour tokens, K_max >= every scorer's k and leakage_k
+    (None: nothing retrieves and every r(C) = 0). progress: a tqdm-like object, updated once per window and scorer.
+    """
+    M = chunk_len
+    nats, n_bytes, n_tokens, overlap = defaultdict(list), [], [], []
+    token_bytes = np.asarray(token_bytes, dtype=np.int64)
+    for doc in documents:
+        if len(doc.tokens) < 2:
+            continue
+        chunks = chunk_rows(doc.tokens, M)  # (C, M)
+        found = torch.as_tensor(neighbors_of(doc, chunks), dtype=torch.long) if neighbors_of else None  # (C, K_max, R)
+        for name, (model, k) in scorers.items():
+            neighbors = found[:, :k] if (k and found is not None) else None
+            values = score_document(model, torch.from_numpy(doc.tokens), neighbors, seq_len, batch_size,
+                                    progress.update if progress is not None else None).numpy()
+            nats[name].append(per_chunk(values, M, len(chunks)))
+        n_bytes.append(per_chunk(token_bytes[doc.tokens[1:]].astype(np.float64), M, len(chunks)))
+        n_tokens.append(per_chunk(np.ones(len(doc.tokens) - 1), M, len(chunks)))
+        if found is not None and leakage_k:
+            overlap.append(longest_common_substring(chunks, found[:, :leakage_k].numpy()) / M)
+        else:
+            overlap.append(np.zeros(len(chunks)))
+    if not n_bytes:
+        raise ValueError("nothing to evaluate: no document has two tokens or more")
+    cat = np.concatenate
+    result = summarize({name: cat(v) for name, v in nats.items()}, cat(n_bytes), cat(n_tokens), cat(overlap),
+                       {name: s.k for name, s in scorers.items()}, alphas)
+    result.update(n_documents=len(n_bytes), n_chunks=int(sum(len(b) for b in n_bytes)),
+                  n_tokens=int(cat(n_tokens).sum()), n_bytes=int(cat(n_bytes).sum()))
+    return result
+
+
+def count_windows(documents: Sequence[EvalDocument], seq_len: int, chunk_len: int) -> int:
+    return sum(len(sliding_windows(len(d.tokens), seq_len, chunk_len)) for d in documents)
+
+
+def capped(documents: Iterable[EvalDocument], max_tokens: int | None) -> list[EvalDocument]:
+    """The documents, in order, up to about max_tokens tokens (the last one cut); all of them when None."""
+    out, total = [], 0
+    for doc in documents:
+        if max_tokens is not None and total >= max_tokens:
+            break
+        if max_tokens is not None and total + len(doc.tokens) > max_tokens:
+            doc = EvalDocument(doc.name, doc.tokens[: max_tokens - total], doc.doc_id)
+        out.append(doc)
+        total += len(doc.tokens)
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """The result as a Markdown table: one row per model, then the fraction of chunks each alpha keeps."""
+    alphas = list(result["kept_fraction"])
+    head = "| model | k | loss | ppl | bpb | " + " | ".join(f"bpb(α={a:g})" for a in alphas) + " |"
+    lines = [head, "|" + "---|" * (5 + len(alphas))]
+    for name, m in result["models"].items():
+        cells = [name, str(m["k"] or "–"), f"{m['loss']:.4f}", f"{m['ppl']:.2f}", f"{m['bpb']:.4f}"]
+        lines.append("| " + " | ".join(cells + [f"{m['bpb_alpha'][a]:.4f}" for a in alphas]) + " |")
+    kept = [f"{result['kept_fraction'][a]:.1%}" for a in alphas]
+    lines.append("| chunks kept | | | | | " + " | ".join(kept) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def evaluate_parser():
+    from retro_lit.generate import CommandParser
+
+    p = CommandParser(prog="retro-lit evaluate",
+                      description="Bits-per-byte with retrieval ON (several k), OFF, a baseline, and leakage-filtered bpb(alpha).")
+    p.add_argument("--ckpt_path", required=True, help="RetroLM checkpoint (.ckpt)")
+    p.add_argument("--workspace", required=True, help="built workspace: tokenizer, chunk database, faiss index")
+    p.add_argument("--split", default="validation", help="workspace split: validation, test or train (ignored with --corpus)")
+    p.add_argument("--corpus", default=None, help="evaluate an outside corpus (file, folder, .jsonl, ...) instead of a split")
+    p.add_argument("--neighbors", default="1,2,4", help="comma-separated k values for retrieval ON")
+    p.add_argument("--baseline_ckpt", default=None, help="a checkpoint trained without retrieval, scored with retrieval OFF")
+    p.add_argument("--seq_len", type=int, default=None, help="context T (default: the checkpoint's data.seq_len)")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="comma-separated alpha values for bpb(alpha)")
+    p.add_argument("--leakage_k", type=int, default=None, help="neighbours compared for r(C) (default: the largest k)")
+    p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed"),
+                   help="live RetroIndex search, the workspace's precomputed files, or auto (files when they fit)")
+    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first ~N tokens of the documents")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--out_dir", default=None, help="where the JSON and PNGs go (default: next to the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """`retro-lit evaluate`: Markdown table on stdout, JSON and PNG plots in --out_dir; bad input -> exit 2."""
+    from retro_lit.corpus import RetroDataError
+    from retro_lit.generate import CommandError
+
+    try:
+        args = evaluate_parser().parse_args(argv)
+        result, paths = run_evaluation(args)
+    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(result))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        from retro_lit.generate import CommandError
+
+        raise CommandError(f"{flag} must be a comma-separated list, got {text!r}")
+    return values
+
+
+def run_evaluation(args) -> tuple[dict, list[Path]]:
+    """Everything `retro-lit evaluate` does after parsing: returns the result dict and the files written."""
+    from tqdm.auto import tqdm
+
+    from retro_lit.database import open_workspace
+    from retro_lit.generate import CommandError, load_checkpoint, precision_context, resolve_device
+
+    ks, alphas = parse_list(args.neighbors, int, "--neighbors"), parse_list(args.alphas, float, "--alphas")
+    if min(ks) <= 0:
+        raise CommandError("--neighbors values must be positive")
+    device = resolve_device(args.device)
+    model, data_hparams = load_checkpoint(args.ckpt_path, device)
+    ws = open_workspace(args.workspace)
+    seq_len = args.seq_len or data_hparams.get("seq_len")
+    if not seq_len or seq_len % ws.chunk_len or ws.chunk_len != model.chunk_len:
+        raise CommandError(f"--seq_len ({seq_len}) must be a multiple of the chunk length {ws.chunk_len}, which must "
+                           f"match the checkpoint's ({model.chunk_len}); pass --seq_len")
+    scorers = {f"retrieval on (k={k})": Scorer(model, k) for k in ks}
+    scorers["retrieval off"] = Scorer(model, None)
+    if args.baseline_ckpt:
+        scorers["baseline"] = Scorer(load_checkpoint(args.baseline_ckpt, device)[0], None)
+    leakage_k = args.leakage_k or max(ks)
+    source = args.corpus or args.split
+    documents = capped(corpus_documents(args.corpus, ws.tokenizer) if args.corpus else workspace_documents(ws, args.split),
+                       args.max_tokens)
+    neighbors_of, how = choose_neighbors(args, ws, max(ks + [leakage_k]), seq_len, str(device))
+    total = count_windows(documents, seq_len, ws.chunk_len) * len(scorers)
+    start = time.time()
+    with tqdm(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet or not sys.stderr.isatty()) as bar, \
+            precision_context(args.precision, device):
+        result = evaluate_documents(scorers, documents, neighbors_of, ws.tokenizer.token_bytes, seq_len, ws.chunk_len,
+                                    leakage_k, alphas, args.batch_size, bar)
+    result = {"checkpoint": str(args.ckpt_path), "baseline": args.baseline_ckpt, "workspace": str(args.workspace),
+              "source": source, "seq_len": seq_len, "stride": window_stride(seq_len, ws.chunk_len),
+              "neighbors": how, "leakage_k": leakage_k, "precision": args.precision, "seconds": round(time.time() - start, 1),
+              **result}
+    return result, write_outputs(result, Path(args.out_dir) if args.out_dir else Path(args.ckpt_path).parent, source)
+
+
+def choose_neighbors(args, ws, k: int, seq_len: int, device: str):
+    """(neighbors_of, description): precomputed files when asked or when `auto` finds a fitting one, else live."""
+    from retro_lit.generate import CommandError
+    from retro_lit.index import RetroIndex
+
+    if args.corpus:
+        if args.neighbor_source == "precomputed":
+            raise CommandError("--neighbor_source precomputed needs a workspace split, not --corpus")
+        return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), k, exclude_own_doc=False), "live"
+    file_k = precomputed_file_k(ws, args.split, k, seq_len) if args.neighbor_source != "live" else None
+    if file_k is not None:
+        return PrecomputedNeighbors(ws, args.split, k, file_k, seq_len), f"precomputed k{file_k}_t{seq_len}"
+    if args.neighbor_source == "precomputed":
+        raise CommandError(f"no precomputed neighbours with k >= {k} for split {args.split!r} (seq_len {seq_len})")
+    train = args.split in ("train", "fit")
+    return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), k, exclude_own_doc=train), "live"
+
+
+def write_outputs(result: dict, out_dir: Path, source: str) -> list[Path]:
+    """`eval_<source>.json` and the two plots into out_dir; returns their paths."""
+    from retro_lit.plots import write_evaluation_plots
+
+    stem = "eval_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(source).name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    return [path, *write_evaluation_plots(result, out_dir, stem)]

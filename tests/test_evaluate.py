@@ -1,0 +1,119 @@
+"""Evaluation: sliding windows, the leakage measure, bpb(alpha), and all-padding neighbours == retrieval OFF."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retro_lit.evaluate import (EvalDocument, Scorer, evaluate_documents, filtered_bpb, longest_common_substring,
+                                markdown_table, score_document, sliding_windows, window_stride)
+from retro_lit.model import RetroConfig, RetroModel
+
+M, K, V = 4, 2, 40
+R = 2 * M
+
+
+def tiny() -> RetroModel:
+    cfg = RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=2, n_head=2, head_dim=8, d_ff=64,
+                      cca_layers=(1,), enc_n_layer=1, enc_cross_layers=(0,), init_std=0.2)
+    return RetroModel.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("n_tokens", [1, 2, 5, 16, 17, 33, 50, 101])
+@pytest.mark.parametrize("seq_len", [4, 8, 16, 24])
+def test_sliding_window_scores_every_token_once(n_tokens, seq_len):
+    windows = sliding_windows(n_tokens, seq_len, M)
+    counts = np.zeros(max(n_tokens - 1, 0), dtype=int)
+    for i, w in enumerate(windows):
+        assert w.start % M == 0 and w.end - w.start <= seq_len and w.start <= w.score_from < w.end <= n_tokens - 1
+        counts[w.score_from:w.end] += 1
+        if i > 0:  # after the first window, every scored token sees the previous half window (in whole chunks)
+            assert w.score_from - w.start == seq_len - window_stride(seq_len, M)
+    assert (counts == 1).all()
+
+
+def test_score_document_counts_each_prediction_once_and_matches_one_pass():
+    """With a document that fits the context, sliding windows equal one forward; longer, every position is set."""
+    model = tiny()
+    tokens = torch.randint(1, V, (16,))
+    neighbors = torch.randint(0, V, (4, K, R))
+    logits = model(tokens[None, :-1], neighbors[None, :3])
+    one_pass = torch.nn.functional.cross_entropy(logits[0], tokens[1:], reduction="none").double()
+    torch.testing.assert_close(score_document(model, tokens, neighbors, seq_len=16), one_pass, rtol=1e-5, atol=1e-6)
+    calls = []
+    long = torch.randint(1, V, (45,))
+    nats = score_document(model, long, torch.randint(0, V, (12, K, R)), seq_len=8, batch_size=3, on_window=lambda: calls.append(1))
+    assert nats.shape == (44,) and (nats > 0).all() and len(calls) == len(sliding_windows(45, 8, M))
+
+
+def test_all_padding_neighbors_equal_retrieval_off():
+    model = tiny()
+    tokens = torch.randint(1, V, (37,))
+    padding = torch.full((10, K, R), -1)
+    torch.testing.assert_close(score_document(model, tokens, padding, seq_len=16),
+                               score_document(model, tokens, None, seq_len=16))
+    docs = [EvalDocument("a", tokens.numpy()), EvalDocument("b", np.arange(1, 12))]
+    result = evaluate_documents({"on": Scorer(model, K), "off": Scorer(model, None)}, docs,
+                                lambda doc, chunks: np.full((len(chunks), K, R), -1), np.ones(V), 16, M, leakage_k=K)
+    assert result["models"]["on"]["bpb"] == pytest.approx(result["models"]["off"]["bpb"])
+
+
+def brute_force_lcs(chunk, neighbors) -> int:
+    best = 0
+    for neighbor in neighbors:
+        for i in range(len(chunk)):
+            for j in range(len(neighbor)):
+                n = 0
+                while i + n < len(chunk) and j + n < len(neighbor) and chunk[i + n] >= 0 and chunk[i + n] == neighbor[j + n]:
+                    n += 1
+                best = max(best, n)
+    return best
+
+
+def test_longest_common_substring_agrees_with_brute_force():
+    rng = np.random.default_rng(0)
+    chunks = rng.integers(0, 3, (60, 6))
+    neighbors = rng.integers(-1, 3, (60, 3, 12))
+    neighbors[:5, :, 2:8] = chunks[:5, None, :]  # whole-chunk copies
+    chunks[7, 4:] = -1  # padding never matches
+    expected = [brute_force_lcs(c, n) for c, n in zip(chunks, neighbors)]
+    np.testing.assert_array_equal(longest_common_substring(chunks, neighbors, batch=7), expected)
+    assert (longest_common_substring(chunks, neighbors)[:5] == 6).all()
+
+
+def test_runs_do_not_span_two_neighbors():
+    chunk = np.array([[1, 2, 3, 4]])
+    neighbors = np.array([[[9, 9, 1, 2], [3, 4, 9, 9]]])  # 1 2 | 3 4: two runs of 2, not one of 4
+    assert longest_common_substring(chunk, neighbors)[0] == 2
+
+
+def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks():
+    model = tiny()
+    rng = np.random.default_rng(1)
+    docs = [EvalDocument(str(i), rng.integers(1, V, n)) for i, n in enumerate((30, 9, 64))]
+
+    def neighbors_of(doc, chunks):  # neighbour 0 copies every other chunk, so half the chunks leak
+        found = rng.integers(1, V, (len(chunks), K, R))
+        found[::2, 0, :M] = np.where(chunks[::2] >= 0, chunks[::2], -1)
+        return found
+
+    bytes_per_token = rng.integers(1, 4, V)
+    result = evaluate_documents({"on": Scorer(model, K), "off": Scorer(model, None)}, docs, neighbors_of,
+                                bytes_per_token, seq_len=16, chunk_len=M, leakage_k=K)
+    for m in result["models"].values():
+        assert m["bpb_alpha"][1.0] == pytest.approx(m["bpb"])
+        assert math.isfinite(m["bpb_alpha"][0.5])
+    assert result["kept_fraction"][1.0] == 1.0 and 0.3 < result["kept_fraction"][0.5] < 0.7
+    assert result["n_tokens"] == sum(len(d.tokens) - 1 for d in docs)
+    assert result["n_bytes"] == sum(bytes_per_token[d.tokens[1:]].sum() for d in docs)
+    table = markdown_table(result)
+    assert table.count("\n") == 4 and "bpb(α=0.125)" in table and "chunks kept" in table
+
+
+def test_filtered_bpb():
+    nats = np.array([1.0, 2.0, 3.0])
+    n_bytes = np.array([1.0, 1.0, 2.0])
+    overlap = np.array([0.0, 0.5, 1.0])
+    assert filtered_bpb(nats, n_bytes, overlap, 1.0) == pytest.approx(6 / math.log(2) / 4)
+    assert filtered_bpb(nats, n_bytes, overlap, 0.25) == pytest.approx(1 / math.log(2) / 1)
+    assert math.isnan(filtered_bpb(nats, n_bytes, overlap + 2, 1.0))
