@@ -195,22 +195,24 @@ class NearestNeighborEncoder(nn.Module):
 
     def __init__(self, chunk_len: int, n_layers: int, d_model: int, d_ff: int, n_heads: int, d_k: int,
                  ca_layers: set[int] | tuple[int, ...] = (0,), *, d_input: int | None = None,
-                 dropout: float = 0.0, norm_eps: float = 1e-5, rope_base: float = 10000.0):
+                 d_cond: int | None = None, dropout: float = 0.0, norm_eps: float = 1e-5,
+                 rope_base: float = 10000.0):
         super().__init__()
         if any(not 0 <= i < n_layers for i in ca_layers):
             raise ValueError(f"encoder ca_layers {sorted(ca_layers)} must lie in [0, n_layers={n_layers})")
         self.chunk_len, self.d_model, self.rope_base, self.head_dim = chunk_len, d_model, rope_base, d_k
         self.d_input = d_input or d_model
-        # decoder token embeddings (width d_input) are shared; project them if widths differ
+        # decoder token embeddings (width d_input) are shared; project them if widths differ.
+        # The decoder states it cross-attends to have width d_cond (default d_input; RETRO-fit differs)
         self.proj_in = nn.Linear(self.d_input, d_model, bias=False) if self.d_input != d_model else nn.Identity()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, d_ff, n_heads, d_k, self.d_input, i in set(ca_layers), dropout, norm_eps)
+            EncoderLayer(d_model, d_ff, n_heads, d_k, d_cond or self.d_input, i in set(ca_layers), dropout, norm_eps)
             for i in range(n_layers))
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
 
     def forward(self, neighbors: Tensor, valid: Tensor, cond: Tensor) -> Tensor:
         """neighbors: embedded neighbour tokens (N, R, d_input) with N = B*L*K; valid: (N, R) bool;
-        cond: decoder states of each neighbour's chunk (N, M, d_input). Returns (N, R, E)."""
+        cond: decoder states of each neighbour's chunk (N, M, d_cond). Returns (N, R, E)."""
         N, R, _ = neighbors.shape
         pos_r = torch.arange(R, device=neighbors.device)
         rope_r = rope_cos_sin(pos_r, self.head_dim, self.rope_base)  # neighbour token j at position j
