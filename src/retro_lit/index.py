@@ -1,0 +1,232 @@
+"""The faiss index over the train chunks (L2 on BERT keys), its recall report, and live lookups.
+
+`auto` picks by the number of train chunks n (E = key width):
+
+| n            | factory                  | why                                                       |
+|--------------|--------------------------|-----------------------------------------------------------|
+| < 32,768     | `Flat`                   | exact, and a full scan is still cheap                      |
+| < 1,000,000  | `IVF{nlist},Flat`        | nlist ~ 4 sqrt(n); nprobe tuned at build to recall >= 0.95 |
+| >= 1,000,000 | `OPQ32,IVF{nlist},PQ32`  | 32-byte codes: ~40 GB per billion chunks                   |
+
+Any `index_factory` string works too. The index trains on a seeded sample of the train keys, adds the
+keys block by block (ids = global chunk ids), uses faiss GPU when it is available, and measures
+recall@k against exact search on a sample of chunks (the query's own chunk dropped from both lists; a
+result counts when its distance is within the exact k-th distance, so duplicate chunks do not count as
+misses). For IVF indexes nprobe is the smallest power of two reaching `target_recall` on one half of the
+sample; the recall reported (and stored in the manifest) is measured on the other half.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retro_lit.corpus import RetroDataError
+
+if TYPE_CHECKING:
+    from retro_lit.database import Workspace
+    from retro_lit.embedder import BERTForChunkEmbeddings
+
+log = logging.getLogger(__name__)
+
+RECALL_QUERIES = 2000
+FLAT_MAX = 32768
+IVF_FLAT_MAX = 1_000_000
+
+
+def auto_factory(n: int) -> str:
+    """The `auto` index for n train chunks (see the module docstring)."""
+    if n < FLAT_MAX:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    return f"IVF{nlist},Flat" if n < IVF_FLAT_MAX else f"OPQ32,IVF{nlist},PQ32"
+
+
+def check_factory(factory: str, dim: int) -> None:
+    """Raise `RetroDataError` for a factory string faiss cannot build (checked before any data is written)."""
+    if factory == "auto":
+        return
+    try:
+        faiss.index_factory(dim, factory)
+    except RuntimeError:
+        raise RetroDataError(f"invalid faiss index factory string {factory!r} for dimension {dim}") from None
+
+
+def build_index(
+    ws: "Workspace",
+    factory: str = "auto",
+    *,
+    k: int = 2,
+    seed: int = 0,
+    target_recall: float = 0.95,
+    quiet: bool = True,
+) -> tuple[Path, dict]:
+    """Stage 3: train and fill the index over the train chunks, write `index.faiss`, measure recall@k.
+
+    The train split is the first chunk range [0, n), so faiss's sequential ids are the global chunk ids.
+    Returns (path, info) with info = {factory, n, nprobe, k, recall, train_sample}.
+    """
+    n, dim = ws.split_range("train")[1], ws.embedding_dim
+    name = auto_factory(n) if factory == "auto" else factory
+    rng = np.random.default_rng(seed)
+    index = faiss.index_factory(dim, name)
+    ivf = _ivf(index)
+    sample = np.sort(rng.choice(n, size=min(n, max(50_000, 64 * (ivf.nlist if ivf else 1))), replace=False))
+    index = _to_gpu(index)
+    if not index.is_trained:
+        index.train(ws.embeddings_at(sample))
+    block = int(ws.manifest["settings"]["block_size"])
+    for start in tqdm(range(0, n, block), desc="index", unit="block", disable=quiet):
+        index.add(ws.embeddings(start, min(start + block, n)))  # (b, E)
+    index = _to_cpu(index)
+    ivf = _ivf(index)
+
+    queries = np.sort(rng.choice(len(ws.chunks), size=min(len(ws.chunks), RECALL_QUERIES), replace=False))
+    xq = ws.embeddings_at(queries)  # (Q, E)
+    kth = _exact_kth_distance(ws, xq, queries, k)  # (Q,)
+    halves = [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
+    if ivf is not None:
+        for nprobe in (2**i for i in range(int(math.log2(ivf.nlist)) + 1)):
+            ivf.nprobe = nprobe
+            if _recall(ws, index, xq[halves[0]], queries[halves[0]], kth[halves[0]], k) >= target_recall:
+                break
+    recall = _recall(ws, index, xq[halves[1]], queries[halves[1]], kth[halves[1]], k)
+    path = ws.root / "index.faiss"
+    faiss.write_index(index, str(path.with_name(path.name + ".tmp")))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    info = {"factory": name, "n": int(n), "nprobe": ivf.nprobe if ivf else None, "k": k,
+            "recall": round(float(recall), 4), "train_sample": int(len(sample))}
+    log.info("index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)", name, n, k, recall, info["nprobe"])
+    return path, info
+
+
+def load_index(path: str | Path, nprobe: int | None = None) -> faiss.Index:
+    index = faiss.read_index(str(path))
+    if nprobe is not None:
+        _ivf(index).nprobe = nprobe
+    return _to_gpu(index)
+
+
+def search_excluding(
+    index: faiss.Index, xq: np.ndarray, k: int, drop: Callable[[np.ndarray, np.ndarray], np.ndarray], extra: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest ids and distances of xq (Q, E), skipping ids where `drop(rows, ids)` is True.
+
+    Searches k + extra; rows left with fewer than k survivors are searched again with 4x more, up to the
+    index size; what is still missing is -1 (distance inf). Never fails when fewer than k survive.
+    """
+    ids = np.full((len(xq), k), -1, dtype=np.int64)  # (Q, K)
+    dist = np.full((len(xq), k), np.inf, dtype=np.float32)  # (Q, K)
+    rows, width = np.arange(len(xq)), k + extra
+    while len(rows):
+        width = min(width, index.ntotal)
+        d, i = index.search(xq[rows], width)  # (q, width)
+        keep = (i >= 0) & ~drop(rows, i)  # (q, width)
+        enough = (keep.sum(1) >= k) | (width >= index.ntotal)
+        for r, d_row, i_row, keep_row in zip(rows[enough], d[enough], i[enough], keep[enough]):
+            found = i_row[keep_row][:k]
+            ids[r, : len(found)], dist[r, : len(found)] = found, d_row[keep_row][:k]
+        rows, width = rows[~enough], width * 4
+    return ids, dist
+
+
+class Retrieved(NamedTuple):
+    ids: np.ndarray  # (Q, K) int64 global chunk ids, -1 = none
+    distances: np.ndarray  # (Q, K) float32 squared L2, inf = none
+    tokens: np.ndarray  # (Q, K, R) int64 [neighbour, continuation] tokens, -1 = no token
+    doc_ids: np.ndarray  # (Q, K) int64 document of each neighbour, -1 = none
+    doc_names: list[list[str | None]]  # (Q, K) document names, None = none
+
+
+class RetroIndex:
+    """Live lookups in a built workspace, for generation and evaluation (one call per chunk batch).
+
+    `RetroIndex(workspace, chunk_len, bert=None)` keeps the quick-start signature; the workspace and
+    index open on the first `search`, so the object may be made before the build. `bert` defaults to
+    the workspace's embedder, on `device`.
+    """
+
+    def __init__(self, workspace: str | Path, chunk_len: int, bert: "BERTForChunkEmbeddings | None" = None, device: str = "auto"):
+        self.workspace = Path(workspace)
+        self.chunk_len = chunk_len
+        self.bert = bert
+        self.device = device
+        self._ws = self._index = None
+
+    def search(self, queries: list[str] | torch.Tensor, k: int = 2, exclude_docs: Sequence[int] | None = None) -> Retrieved:
+        """Neighbours of Q query chunks (texts, or LM tokens (Q, M) with -1/pad ignored), skipping docs."""
+        if k <= 0:
+            raise RetroDataError(f"k must be > 0, got {k}")
+        ws, index = self._open()
+        if isinstance(queries, torch.Tensor):
+            queries = [ws.tokenizer.decode([t for t in row.tolist() if t >= 0 and t != ws.pad_id]) for row in queries]
+        xq = self.bert(list(queries)).numpy()  # (Q, E)
+        excluded = np.asarray(sorted(exclude_docs or []), dtype=np.int64)
+        ids, dist = search_excluding(index, xq, k, lambda rows, i: np.isin(ws.chunk_doc[np.maximum(i, 0)], excluded))
+        docs = np.where(ids >= 0, ws.chunk_doc[np.maximum(ids, 0)], -1).astype(np.int64)  # (Q, K)
+        names = [[ws.documents[d]["name"] if d >= 0 else None for d in row] for row in docs.tolist()]
+        return Retrieved(ids, dist, ws.neighbor_tokens(ids), docs, names)
+
+    def _open(self):
+        if self._ws is None:
+            from retro_lit.database import open_workspace
+            from retro_lit.embedder import BERTForChunkEmbeddings
+
+            ws = open_workspace(self.workspace)
+            if ws.chunk_len != self.chunk_len:
+                raise RetroDataError(f"workspace {self.workspace} has chunk_len {ws.chunk_len}, not {self.chunk_len}")
+            info = ws.manifest["stages"].get("index", {})
+            if not info.get("done"):
+                raise RetroDataError(f"workspace {self.workspace} has no index yet: run build-db first")
+            self._index = load_index(ws.root / "index.faiss", info.get("nprobe"))
+            self.bert = self.bert or BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], self.device)
+            self._ws = ws
+        return self._ws, self._index
+
+
+def _ivf(index: faiss.Index) -> "faiss.IndexIVF | None":
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _exact_kth_distance(ws: "Workspace", xq: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The exact k-th nearest train distance of each query (its own chunk excluded), scanning blocks."""
+    n = ws.split_range("train")[1]
+    best = np.full((len(xq), k + 1), np.inf, dtype=np.float32)  # (Q, k+1)
+    best_ids = np.full((len(xq), k + 1), -1, dtype=np.int64)  # (Q, k+1)
+    block = int(ws.manifest["settings"]["block_size"])
+    for start in range(0, n, block):
+        keys = ws.embeddings(start, min(start + block, n))  # (b, E)
+        d, i = faiss.knn(xq, keys, min(k + 1, len(keys)))  # (Q, <=k+1)
+        d, i = np.concatenate([best, d], 1), np.concatenate([best_ids, i + start], 1)
+        order = np.argsort(d, axis=1, kind="stable")[:, : k + 1]
+        best, best_ids = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    best[best_ids == queries[:, None]] = np.inf  # drop the query's own chunk
+    return np.sort(best, axis=1)[:, k - 1]  # (Q,)
+
+
+def _recall(ws: "Workspace", index: faiss.Index, xq: np.ndarray, queries: np.ndarray, kth: np.ndarray, k: int) -> float:
+    """Fraction of the k results (own chunk dropped) whose true distance is within the exact k-th."""
+    ids, _ = search_excluding(index, xq, k, lambda rows, i: i == queries[rows, None], extra=1)  # (Q, k)
+    keys = ws.embeddings_at(np.maximum(ids, 0).reshape(-1)).reshape(*ids.shape, -1)  # (Q, k, E)
+    d = np.where(ids >= 0, ((xq[:, None, :] - keys) ** 2).sum(-1), np.inf)  # (Q, k)
+    return float(np.mean(d <= kth[:, None] * (1 + 1e-3) + 1e-6))
+
+
+def _to_gpu(index: faiss.Index) -> faiss.Index:
+    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index
+
+
+def _to_cpu(index: faiss.Index) -> faiss.Index:
+    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
