@@ -1,0 +1,273 @@
+"""Lightning data for RETRO: `RetroDataset` reads one chunk-aligned training sequence and its pre-computed
+neighbors from a workspace's memmaps; `RetroDataModule` builds the workspace once (`prepare_data`) and opens
+it on every process (`setup`).
+
+Shapes use the legend of `model.py`: `T` sequence length, `M` chunk length, `L = T // M` chunks,
+`K` neighbors, `R = 2M` retrieved tokens per neighbor (the neighbor chunk and its continuation).
+"""
+
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from retro_lit.corpus import SPLITS, RetroDataError
+from retro_lit.database import build_workspace, open_workspace
+from retro_lit.tokenizer import tokenizer_vocab_size
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class RetroSample(NamedTuple):
+    """One sequence; the default collate stacks a list of them into the same tuple of `(B, ...)` tensors."""
+
+    input_ids: torch.Tensor  # (T,) int64 LM tokens
+    targets: torch.Tensor  # (T,) the next token, -100 where the next token is padding
+    neighbors: torch.Tensor  # (L, K, R) retrieved tokens, -1 = no token
+    target_bytes: torch.Tensor  # (T,) UTF-8 bytes each target token stands for, 0 where ignored
+
+
+class RetroDataset(Dataset):
+    """The sequences of one split: sequence `s` is chunks `first + s*L ... first + (s+1)*L - 1` of the split.
+
+    Only paths and sizes are kept, so the dataset pickles cheaply to DataLoader workers; each worker opens the
+    workspace's memmaps on its first `__getitem__`.
+    """
+
+    def __init__(self, workspace: str | Path, split: str, seq_len: int, num_neighbors: int):
+        self.workspace = Path(workspace)
+        self.split, self.seq_len, self.num_neighbors = split, seq_len, num_neighbors
+        ws = open_workspace(self.workspace)
+        if seq_len % ws.chunk_len:
+            raise RetroDataError(f"seq_len {seq_len} is not a multiple of the workspace chunk_len {ws.chunk_len}")
+        self.chunk_len = ws.chunk_len
+        self.chunks_per_seq = seq_len // ws.chunk_len  # L
+        self.first, self.end = (int(i) for i in ws.split_range(split))
+        self._ws = None  # opened lazily, once per process
+
+    def __len__(self) -> int:
+        return (self.end - self.first) // self.chunks_per_seq
+
+    def __getstate__(self) -> dict:
+        # never ship open memmaps to a worker: pickling an np.memmap copies its data
+        return {**self.__dict__, "_ws": None}
+
+    def _open(self):
+        if self._ws is None:
+            ws = open_workspace(self.workspace)
+            self._neighbor_ids = ws.neighbors(self.split, self.num_neighbors, self.seq_len)  # (chunks, K)
+            self._pad_id = ws.pad_id
+            self._token_bytes = np.asarray(ws.tokenizer.token_bytes, dtype=np.int64)  # (V,)
+            self._ws = ws
+        return self._ws
+
+    def __getitem__(self, s: int) -> RetroSample:
+        if not 0 <= s < len(self):
+            raise IndexError(f"sequence {s} out of range for split {self.split!r} of {len(self)} sequences")
+        ws = self._open()
+        L = self.chunks_per_seq
+        first = self.first + s * L
+        tokens = np.asarray(ws.chunks[first : first + L], dtype=np.int64).reshape(-1)  # (T,)
+        # the target of the last position is the first token of the next chunk, if the split has one
+        after = int(ws.chunks[first + L, 0]) if first + L < self.end else self._pad_id
+        targets = np.append(tokens[1:], after)  # (T,)
+        ignored = targets == self._pad_id
+        target_bytes = np.where(ignored, 0, self._token_bytes[targets])  # (T,)
+        targets[ignored] = IGNORE_INDEX
+        neighbor_ids = self._neighbor_ids[s * L : (s + 1) * L]  # (L, K) global chunk ids, -1 = none
+        neighbors = ws.neighbor_tokens(np.asarray(neighbor_ids))  # (L, K, R)
+        return RetroSample(
+            torch.from_numpy(tokens),
+            torch.from_numpy(targets),
+            torch.as_tensor(neighbors, dtype=torch.int64),
+            torch.from_numpy(target_bytes.astype(np.int64)),
+        )
+
+
+def _default_num_workers(devices: int) -> int:
+    """Loader workers per device: the CPUs this process may use, shared by the devices, one kept for compute."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus // max(1, devices) - 1))
+
+
+class RetroDataModule(L.LightningDataModule):
+    """RETRO sequences with pre-computed neighbors, from a workspace built once from a corpus."""
+
+    def __init__(
+        self,
+        workspace: str,
+        corpus: str | None = None,
+        tokenizer: str = "bpe:8192",
+        chunk_size: int = 64,
+        seq_len: int = 512,
+        num_neighbors: int = 2,
+        embedder: str | None = None,
+        index: str = "auto",
+        split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int | None = None,
+        predict_split: str = "test",
+        prepare_data_per_node: bool = True,
+    ):
+        """
+        Args:
+            workspace: Folder of the chunk database (built by `prepare_data` when `corpus` is given).
+            corpus: Source documents: a text file, a folder, JSONL/Parquet, a saved HF dataset or `shakespeare`;
+                None uses an already built workspace as it is.
+            tokenizer: LM tokenizer spec: `bpe:N` (trained on the train split), `bytes`, `smollm2` or a path.
+            chunk_size: Chunk length M in tokens (the paper's m = 64).
+            seq_len: Training sequence length T in tokens; a multiple of `chunk_size`.
+            num_neighbors: Neighbors K retrieved per chunk (the paper's k = 2).
+            embedder: Frozen BERT for the retrieval keys (a name or path); None for the database default.
+            index: faiss index factory string, or `auto` to choose by database size.
+            split: Train, validation and test fractions of the documents.
+            seed: Seed of the document split.
+            batch_size: Global batch size, divided evenly among the devices.
+            num_workers: DataLoader workers per device; None picks from the CPUs available.
+            predict_split: Split that `predict` runs on.
+            prepare_data_per_node: Build the workspace once per node (local disks); set False on a filesystem
+                shared by all nodes so that only global rank 0 builds it.
+        """
+        super().__init__()
+        if chunk_size <= 0 or seq_len <= 0 or seq_len % chunk_size:
+            raise ValueError(f"data.seq_len ({seq_len}) must be a positive multiple of data.chunk_size ({chunk_size})")
+        if num_neighbors <= 0:
+            raise ValueError(f"data.num_neighbors must be positive, got {num_neighbors}")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if predict_split not in SPLITS:
+            raise ValueError(f"data.predict_split must be one of {SPLITS}, got {predict_split!r}")
+        self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node
+        self.datasets: dict[str, RetroDataset] = {}
+        self.per_device_batch_size = batch_size
+
+    @property
+    def vocab_size(self) -> int:
+        """LM vocabulary size, known from the tokenizer spec alone (linked to the model before any build)."""
+        return tokenizer_vocab_size(self.hparams.tokenizer)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.hparams.chunk_size
+
+    def prepare_data(self) -> None:
+        """Build or resume the workspace (one process per node, or one in all with `prepare_data_per_node=False`)."""
+        hp = self.hparams
+        if hp.corpus is None:
+            return  # setup() checks that the workspace exists and matches
+        log.info("prepare_data: building or resuming workspace %s (pid %d)", hp.workspace, os.getpid())
+        build_workspace(
+            hp.workspace,
+            hp.corpus,
+            tokenizer=hp.tokenizer,
+            chunk_len=hp.chunk_size,
+            embedder=hp.embedder,
+            index=hp.index,
+            num_neighbors=hp.num_neighbors,
+            seq_len=hp.seq_len,
+            split=tuple(hp.split),
+            seed=hp.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the built workspace (never build) and make the datasets the stage needs."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.hparams.batch_size % world_size:
+            raise RetroDataError(
+                f"data.batch_size ({self.hparams.batch_size}) must be divisible by the number of devices ({world_size})"
+            )
+        self.per_device_batch_size = self.hparams.batch_size // world_size
+        self.check_workspace()
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": (self.hparams.predict_split,),
+        }.get(stage, SPLITS)
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    def check_workspace(self) -> None:
+        """Fail with one clear message if the workspace is missing, unfinished or built with other settings."""
+        hp = self.hparams
+        ws = open_workspace(hp.workspace)  # raises RetroDataError when missing or incomplete
+        if ws.chunk_len != hp.chunk_size:
+            raise RetroDataError(
+                f"workspace {hp.workspace} was built with chunk_len {ws.chunk_len}, but data.chunk_size is "
+                f"{hp.chunk_size}; use another data.workspace or the same chunk size"
+            )
+        if ws.tokenizer.vocab_size != self.vocab_size:
+            raise RetroDataError(
+                f"workspace {hp.workspace} has an LM vocabulary of {ws.tokenizer.vocab_size}, but data.tokenizer "
+                f"{hp.tokenizer!r} has {self.vocab_size}"
+            )
+
+    def neighbor_table(self, num_chunks: int = 4, split: str = "val") -> tuple[list[str], list[list]]:
+        """Columns and rows for a log table: evenly spaced chunks of `split`, the text of each retrieved neighbor
+        (chunk + continuation) and its L2 key distance to the chunk."""
+        hp = self.hparams
+        ws = open_workspace(hp.workspace)
+        first, end = ws.split_range(split)
+        picks = np.unique(np.linspace(first, end - 1, num_chunks).astype(np.int64))  # (n,) global chunk ids
+        neighbor_ids = np.asarray(ws.neighbors(split, hp.num_neighbors, hp.seq_len)[picks - first])  # (n, K)
+        neighbor_tokens = ws.neighbor_tokens(neighbor_ids)  # (n, K, R)
+        keys = ws.embeddings_at(picks)  # (n, E)
+        neighbor_keys = ws.embeddings_at(np.maximum(neighbor_ids, 0).reshape(-1)).reshape(*neighbor_ids.shape, -1)
+        distances = np.linalg.norm(neighbor_keys - keys[:, None], axis=-1)  # (n, K)
+        decode = ws.tokenizer.decode
+        columns = ["chunk", "text"] + [f"{name}_{j}" for j in range(hp.num_neighbors) for name in ("neighbor", "l2")]
+        rows = []
+        for i, chunk in enumerate(picks):
+            row = [int(chunk), decode(t for t in ws.chunks[chunk] if t != ws.pad_id)]
+            for j in range(hp.num_neighbors):
+                found = neighbor_ids[i, j] >= 0
+                row += [decode(t for t in neighbor_tokens[i, j] if t >= 0) if found else "", float(distances[i, j]) if found else None]
+            rows.append(row)
+        return columns, rows
+
+    def _dataset(self, split: str) -> RetroDataset:
+        ds = RetroDataset(self.hparams.workspace, split, self.hparams.seq_len, self.hparams.num_neighbors)
+        rank_zero_info(f"{split}: {len(ds)} sequences of {self.hparams.seq_len} tokens")
+        if len(ds) == 0:
+            raise RetroDataError(
+                f"split {split!r} of {self.hparams.workspace} is shorter than one sequence of "
+                f"{self.hparams.seq_len} tokens; use a larger corpus, split fraction or a shorter data.seq_len"
+            )
+        return ds
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        workers = self.hparams.num_workers
+        workers = _default_num_workers(devices) if workers is None else workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.per_device_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.predict_split)
