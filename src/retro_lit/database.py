@@ -345,12 +345,13 @@ def build_workspace(
     if until not in STAGES:
         raise RetroDataError(f"until must be one of {STAGES}, got {until!r}")
     check_spec(tokenizer)
+    fingerprint = corpus_fingerprint(corpus)
     if not isinstance(embedder, BERTForChunkEmbeddings):
         embedder = BERTForChunkEmbeddings(embedder, device, batch_size=batch_size)
     check_factory(index, embedder.dim)
     settings = {
         "corpus": str(corpus),
-        "corpus_fingerprint": corpus_fingerprint(corpus),
+        "corpus_fingerprint": fingerprint,
         "tokenizer": tokenizer,
         "chunk_len": chunk_len,
         "embedder": embedder.name,
@@ -403,9 +404,12 @@ def build_workspace(
 
 
 def _start_manifest(root: Path, settings: dict) -> dict:
-    """Check the workspace is writable and its settings match; returns the manifest to update."""
+    """Check the workspace is writable and its settings match; returns the manifest to update.
+
+    A workspace with no finished stage (e.g. the corpus was bad) takes the new settings.
+    """
     manifest = read_manifest(root) if root.exists() else None
-    if manifest is not None:
+    if manifest is not None and any(info.get("done") for info in manifest["stages"].values()):
         if manifest.get("format_version") != FORMAT_VERSION:
             raise RetroDataError(f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}")
         for key, value in settings.items():

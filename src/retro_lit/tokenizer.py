@@ -94,6 +94,7 @@ def load_tokenizer(spec: str = "bpe:8192", workspace: str | Path | None = None) 
         backend = Tokenizer.from_file(str(saved))
         return LMTokenizer(backend, spec, _pad_id(backend, spec), tokenizer_vocab_size(spec, backend))
     if spec.startswith("bpe:"):
+        _bpe_size(spec)
         raise RetroDataError(f"tokenizer {spec!r} is trained by the build; no tokenizer.json in {workspace}")
     if spec == "bytes":
         return byte_tokenizer()

@@ -1,0 +1,269 @@
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from retro_lit.corpus import RetroDataError
+from retro_lit.database import build_db_main, build_workspace, open_workspace
+from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
+from retro_lit.index import RetroIndex
+from retro_lit.neighbors import excluded_ranges
+
+M, K, T = 8, 2, 32
+WORDS = "river stone cloud lamp ember frost hollow quill meadow cinder harbor lantern orchard".split()
+
+
+def make_corpus(path, n_docs=30, seed=0):
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n_docs)]
+    path.write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_bert(name="tiny-bert"):
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    return BERTForChunkEmbeddings(name, "cpu", model=BertModel(config), tokenizer=tokenizer, batch_size=32)
+
+
+def build(workspace, corpus, embedder, **kw):
+    kw = {"tokenizer": "bpe:300", "chunk_len": M, "num_neighbors": K, "seq_len": T, "block_size": 64, "quiet": True} | kw
+    return build_workspace(workspace, corpus, embedder=embedder, **kw)
+
+
+def snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, embedder):
+    tmp = tmp_path_factory.mktemp("db")
+    corpus = make_corpus(tmp / "corpus.txt")
+    return build(tmp / "ws", corpus, embedder), corpus
+
+
+def test_layout_and_chunk_round_trip(built):
+    root, corpus = built
+    ws = open_workspace(root)
+    assert ws.chunks.dtype == np.uint16 and ws.chunks.shape == (ws.manifest["counts"]["chunks"], M)
+    assert ws.chunk_doc.dtype == np.int32 and ws.doc_offsets.dtype == np.int64
+    texts = corpus.read_text(encoding="utf-8").split("\n\n\n")
+    for doc in ws.documents:
+        rows = ws.chunks[ws.doc_offsets[doc["doc"]] : ws.doc_offsets[doc["doc"] + 1]].reshape(-1)
+        assert (rows[doc["n_tokens"] :] == ws.pad_id).all()
+        original = texts[int(doc["name"].split("#")[1])]
+        assert ws.tokenizer.decode(rows[: doc["n_tokens"]]).strip() == original.strip()
+    first = 0
+    for split in ("train", "val", "test"):  # contiguous ranges in split order
+        a, b = ws.split_range(split)
+        assert a == first and b > a and set(d["split"] for d in ws.documents[ws.chunk_doc[a] : ws.chunk_doc[b - 1] + 1]) == {split}
+        first = b
+    assert ws.split_range("validation") == ws.split_range("val")
+    assert ws.manifest["stages"]["index"]["recall"] == 1.0  # Flat
+
+
+def test_no_neighbor_from_a_document_of_the_query_window(built):
+    ws = open_workspace(built[0])
+    n_train = ws.split_range("train")[1]
+    for split in ("train", "val", "test"):
+        first, end = ws.split_range(split)
+        nbrs = ws.neighbors(split, K, T)
+        assert nbrs.shape == (end - first, K) and nbrs.dtype == np.int64
+        for c in range(first, end):
+            window = range(first + (c - first) // (T // M) * (T // M), min(first + ((c - first) // (T // M) + 1) * (T // M), end))
+            window_docs = set(ws.chunk_doc[list(window)].tolist())
+            found = nbrs[c - first][nbrs[c - first] >= 0]
+            assert len(found) == K and (found < n_train).all()
+            assert not window_docs & set(ws.chunk_doc[found].tolist())
+        lo, hi = excluded_ranges(ws, split, T)
+        assert ((nbrs < lo[:, None]) | (nbrs >= hi[:, None])).all()
+
+
+def test_neighbor_tokens_continuation_and_padding(built):
+    ws = open_workspace(built[0])
+    doc = next(d for d in ws.documents if ws.doc_offsets[d["doc"] + 1] - ws.doc_offsets[d["doc"]] >= 2)
+    a, b = ws.doc_offsets[doc["doc"]], ws.doc_offsets[doc["doc"] + 1]
+    tokens = ws.neighbor_tokens(np.array([[a, b - 1, -1]]))  # (1, 3, 2M)
+    assert tokens.shape == (1, 3, 2 * M) and tokens.dtype == np.int64
+    assert (tokens[0, 0, :M] == ws.chunks[a]).all() and (tokens[0, 0, M:] == ws.chunks[a + 1]).all()
+    last = ws.chunks[b - 1].astype(np.int64)
+    assert (tokens[0, 1, :M] == np.where(last == ws.pad_id, -1, last)).all()
+    assert (tokens[0, 1, M:] == -1).all()  # the document ends: no continuation
+    assert (tokens[0, 2] == -1).all()
+    last_chunk = len(ws.chunks) - 1
+    assert (ws.neighbor_tokens(np.array([last_chunk]))[0, M:] == -1).all()
+
+
+def test_second_build_is_a_no_op(built, embedder):
+    root, corpus = built
+    before = mtimes(root)
+    build(root, corpus, embedder)
+    assert mtimes(root) == before
+
+
+def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, built, embedder, monkeypatch):
+    root, corpus = built
+    calls = {"n": 0}
+    forward = BERTForChunkEmbeddings.forward
+
+    def flaky(self, token_ids):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("injected")
+        return forward(self, token_ids)
+
+    monkeypatch.setattr(BERTForChunkEmbeddings, "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "ws", corpus, embedder)
+    assert not open_workspace(tmp_path / "ws").manifest["stages"].get("embeddings")
+    assert len(list((tmp_path / "ws" / "embeddings").glob("block_*.npy"))) == 2
+    build(tmp_path / "ws", corpus, embedder)
+    expected, got = snapshot(root), snapshot(tmp_path / "ws")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        if name != "manifest.json":  # holds timings and the corpus path
+            assert got[name] == expected[name], name
+
+
+def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, embedder):
+    root, corpus = built
+    import shutil
+
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    before = mtimes(copy)
+    build(copy, corpus, embedder, num_neighbors=3)
+    assert open_workspace(copy).neighbors("train", 3, T).shape[1] == 3
+    assert all(mtimes(copy)[p] == t for p, t in before.items() if p.name != "manifest.json")
+
+
+@pytest.mark.parametrize("setting, value", [("chunk_len", 4), ("tokenizer", "bytes"), ("index", "IVF4,Flat"), ("seed", 1)])
+def test_settings_mismatch_is_refused_naming_the_setting(built, embedder, setting, value):
+    root, corpus = built
+    before = snapshot(root)
+    with pytest.raises(RetroDataError, match=f"built with {setting}="):
+        build(root, corpus, embedder, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {}))
+    assert snapshot(root) == before
+
+
+def test_changed_corpus_is_refused(tmp_path, built, embedder):
+    root, _ = built
+    with pytest.raises(RetroDataError, match="built with corpus"):
+        build(root, make_corpus(tmp_path / "other.txt", seed=1), embedder)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"chunk_len": 0}, "chunk_len must be > 0"),
+        ({"num_neighbors": 0}, "num_neighbors must be > 0"),
+        ({"index": "Nope,,"}, "invalid faiss index factory"),
+        ({"chunk_len": 4096, "seq_len": 4096}, "shorter than one chunk"),
+        ({"seq_len": 12}, "multiple of chunk_len"),
+    ],
+)
+def test_bad_build_settings(tmp_path, embedder, kw, message):
+    corpus = make_corpus(tmp_path / "c.txt")
+    with pytest.raises(RetroDataError, match=message):
+        build(tmp_path / "ws", corpus, embedder, **kw)
+    assert not (tmp_path / "ws" / "chunks.npy").exists()
+    assert not list((tmp_path / "ws").glob("*.tmp"))
+
+
+def test_unwritable_workspace_and_unknown_embedder(tmp_path, embedder):
+    corpus = make_corpus(tmp_path / "c.txt")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RetroDataError, match="not writable"):
+        build(tmp_path / "file" / "ws", corpus, embedder)
+    with pytest.raises(RetroDataError, match="not available offline: pass a local model folder"):
+        BERTForChunkEmbeddings(str(tmp_path / "no-such-bert"), "cpu")
+
+
+def test_build_db_main_errors_return_2(tmp_path, capsys):
+    assert build_db_main(["--corpus", str(tmp_path / "missing.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corpus not found") and err.count("\n") == 1
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01")
+    args = ["--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws"), "--chunk_len", "-1"]
+    assert build_db_main(args) == 2
+    assert build_db_main(["--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "binary" in capsys.readouterr().err
+
+
+def test_a_failed_first_build_does_not_pin_its_settings(tmp_path, embedder):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(RetroDataError, match="not UTF-8"):
+        build(tmp_path / "ws", corpus, embedder)
+    make_corpus(corpus)
+    build(tmp_path / "ws", corpus, embedder)
+    assert open_workspace(tmp_path / "ws").manifest["stages"]["neighbors/k2_t32"]["done"]
+
+
+def test_build_db_main_builds_with_a_local_embedder(tmp_path, embedder, caplog):
+    folder = tmp_path / "bert"
+    embedder.model.save_pretrained(folder)
+    embedder.tokenizer.save_pretrained(folder)
+    corpus = make_corpus(tmp_path / "c.txt", n_docs=12)
+    args = ["--corpus", str(corpus), "--workspace", str(tmp_path / "ws"), "--tokenizer", "bytes", "--chunk_len", "16",
+            "--seq_len", "64", "--embedder", str(folder), "--device", "cpu", "--quiet"]
+    assert build_db_main(args) == 0
+    ws = open_workspace(tmp_path / "ws")
+    assert ws.manifest["settings"]["embedder"] == str(folder) and ws.neighbors("test", 2, 64).shape[1] == 2
+
+
+def test_retro_index_live_search(built, embedder):
+    ws = open_workspace(built[0])
+    index = RetroIndex(built[0], M, bert=embedder)
+    a = ws.split_range("val")[0]
+    result = index.search(torch.from_numpy(ws.chunks[a : a + 2].astype(np.int64)), k=3)
+    assert result.ids.shape == (2, 3) and result.tokens.shape == (2, 3, 2 * M)
+    assert (result.ids < ws.split_range("train")[1]).all() and np.all(np.diff(result.distances, axis=1) >= 0)
+    assert result.doc_names[0][0] == ws.documents[result.doc_ids[0, 0]]["name"]
+    text = ws.tokenizer.decode(ws.chunks[0][ws.chunks[0] != ws.pad_id])
+    first = index.search([text], k=1)
+    assert first.ids[0, 0] == 0 or first.distances[0, 0] < 1e-2  # a train chunk finds itself
+    excluded = index.search([text], k=2, exclude_docs=[int(ws.chunk_doc[0])])
+    assert int(ws.chunk_doc[0]) not in excluded.doc_ids[0].tolist()
+    with pytest.raises(RetroDataError, match="chunk_len"):
+        RetroIndex(built[0], M + 1, bert=embedder).search(["x"])
+
+
+def test_embedder_pools_over_real_tokens_only():
+    bert = tiny_bert()
+    bert.dtype = torch.float32
+    short, long = "river stone", " ".join(WORDS * 3)
+    alone = bert([short])
+    batched = bert([short, long])  # padded to the long text in one batch
+    assert batched.shape == (2, 16) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_real_minilm_matches_manual_mean_pooling(caplog):
+    with caplog.at_level(logging.WARNING):
+        bert = BERTForChunkEmbeddings(None, "cuda" if not torch.cuda.is_available() else "cpu")
+    assert bert.dim == 384 and bert.device.type == "cpu"
+    assert torch.cuda.is_available() or "CUDA is not available" in caplog.text
+    texts = ["The kernel schedules tasks.", "Retrieval helps language models with facts."]
+    keys = bert(texts)
+    x = bert.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = bert.model(**x).last_hidden_state
+    mask = x["attention_mask"].unsqueeze(-1).float()
+    manual = (hidden * mask).sum(1) / mask.sum(1)
+    assert torch.nn.functional.cosine_similarity(keys, manual).min() > 0.99  # bf16 autocast vs fp32
