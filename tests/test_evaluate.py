@@ -117,3 +117,32 @@ def test_filtered_bpb():
     assert filtered_bpb(nats, n_bytes, overlap, 1.0) == pytest.approx(6 / math.log(2) / 4)
     assert filtered_bpb(nats, n_bytes, overlap, 0.25) == pytest.approx(1 / math.log(2) / 1)
     assert math.isnan(filtered_bpb(nats, n_bytes, overlap + 2, 1.0))
+
+
+def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, capsys):
+    import json
+
+    from test_generate import build_tiny_workspace
+
+    from retro_lit.evaluate import evaluate_main
+
+    ws, ckpt, embedder = build_tiny_workspace(tmp_path)
+    monkeypatch.setattr("retro_lit.embedder.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    out = tmp_path / "out"
+    base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1,2", "--device", "cpu", "--quiet"]
+    assert evaluate_main(base + ["--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),
+                                 "--neighbor_source", "live", "--out_dir", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| retrieval on (k=2) |" in table and "| baseline |" in table and "| chunks kept |" in table
+    result = json.loads((out / "eval_train.json").read_text())
+    assert result["neighbors"] == "live" and result["n_tokens"] > 0  # train retrieves live, own document excluded
+    assert result["models"]["retrieval off"]["bpb"] == pytest.approx(result["models"]["baseline"]["bpb"])
+    assert (out / "eval_train_bpb_vs_alpha.png").exists() and (out / "eval_train_bpb_vs_k.png").exists()
+    assert evaluate_main(base + ["--split", "test"]) == 0  # precomputed neighbours, files next to the checkpoint
+    assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"].startswith("precomputed")
+    assert evaluate_main(base + ["--corpus", str(tmp_path / "corpus.txt"), "--max_tokens", "60", "--out_dir", str(out)]) == 0
+    assert (out / "eval_corpus_txt.json").exists()
+    capsys.readouterr()
+    assert evaluate_main(base + ["--neighbors", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -121,3 +121,57 @@ def test_sampling_is_seeded_and_filters():
     prompt = torch.randint(0, V, (1, 3))
     runs = [generate(model, prompt, fake_retrieve, 8, temperature=1.0, top_k=10, seed=7) for _ in range(2)]
     assert torch.equal(*runs)
+
+
+# ----------------------------------------------------------------------------- the command, on a tiny workspace
+
+def build_tiny_workspace(root):
+    """A bytes-tokenized workspace (M = 4) embedded by a random 1-layer BERT, and a random checkpoint for it.
+    Returns (workspace, checkpoint, embedder); patch `retro_lit.embedder.BERTForChunkEmbeddings` to return the
+    embedder so that `RetroIndex` reuses it."""
+    import random
+
+    import lightning
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from retro_lit.database import build_workspace
+    from retro_lit.embedder import BERTForChunkEmbeddings
+    from retro_lit.lit import RetroLM
+
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    bert = BertModel(BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=64))
+    embedder = BERTForChunkEmbeddings("tiny-bert", "cpu", model=bert, tokenizer=BertTokenizerFast(str(vocab)),
+                                      dtype=torch.float32)
+    rng = random.Random(0)
+    words = "king queen crown sword storm river ghost letter".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) for _ in range(14)]
+    (root / "corpus.txt").write_text("\n\n\n".join(docs))
+    ws = build_workspace(root / "ws", root / "corpus.txt", tokenizer="bytes", chunk_len=M, embedder=embedder,
+                         index="Flat", num_neighbors=2, seq_len=16, split=(0.7, 0.15, 0.15), quiet=True)
+    lm = RetroLM(RetroConfig(vocab_size=257, chunk_size=M, d_model=16, n_layer=2, n_head=2, head_dim=8, d_ff=32,
+                             cca_layers=(1,), enc_n_layer=1))
+    ckpt = root / "model.ckpt"
+    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
+                "pytorch-lightning_version": lightning.__version__,
+                "datamodule_hyper_parameters": {"seq_len": 16, "num_neighbors": 2}}, ckpt)
+    return ws, ckpt, embedder
+
+
+def test_generate_command_shows_each_retrieval(tmp_path, monkeypatch, capsys):
+    from retro_lit.generate import generate_main
+
+    ws, ckpt, embedder = build_tiny_workspace(tmp_path)
+    monkeypatch.setattr("retro_lit.embedder.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    argv = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--prompt", "the king", "--max_new_tokens", "6",
+            "--temperature", "0", "--show_retrieval", "--device", "cpu"]
+    assert generate_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("[retrieval]") == (8 + 6 - 1) // M  # one lookup per chunk fed to the model
+    assert "distance" in out and "corpus.txt#" in out and out.rstrip().splitlines()[-1].startswith("the king")
+    assert generate_main(argv + ["--no_retrieval"]) == 0 and "[retrieval]" not in capsys.readouterr().out
+    assert generate_main(argv[:2] + ["--workspace", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert generate_main(["--prompt", "x"]) == 2 and capsys.readouterr().err.startswith("error: ")
