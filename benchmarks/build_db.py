@@ -57,7 +57,10 @@ def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     build_workspace(workspace, corpus, embedder=embedder, quiet=True)
     seconds = time.perf_counter() - start
-    result = build_summary(workspace, 2, 2048) | {"peak_rss_mb_before_index": rss_mb, "build_seconds": seconds}
+    result = build_summary(workspace, 2, 2048) | {
+        "peak_rss_mb_before_index": rss_mb,
+        "build_seconds": seconds,
+    }
     result["build_chunks_per_s"] = result["chunks"] / seconds
     if measure_raw:
         ws = open_workspace(workspace)
@@ -74,7 +77,9 @@ def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
 
 def run_child(corpus: Path, workspace: Path, measure_raw: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", "--corpus", str(corpus), "--workspace", str(workspace)]
-    out = subprocess.run(cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(
+        cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -83,13 +88,19 @@ def write_readme(path: Path, text: str) -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     head, sep, rest = old.partition("## build_db\n")
     tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
-    path.write_text(head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""), encoding="utf-8")
+    path.write_text(
+        head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""), encoding="utf-8"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=4_200_000, help="target tokens of the large build")
-    parser.add_argument("--small_tokens", type=int, default=1_050_000, help="target tokens of the small build")
+    parser.add_argument(
+        "--small_tokens", type=int, default=1_050_000, help="target tokens of the small build"
+    )
     parser.add_argument("--readme", default=str(Path(__file__).with_name("README.md")))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure_raw", action="store_true", help=argparse.SUPPRESS)
@@ -119,13 +130,13 @@ Corpus: seeded random subsets of Debian `linux-doc-6.1` reST (one document per f
 
 | figure | value | target |
 |---|---|---|
-| large build | {large['documents']} docs, {large['tokens']:,} tokens, {large['chunks']:,} chunks, {large['build_seconds']:.0f} s | ≥ 4M tokens |
-| end-to-end build chunks/s ÷ raw forward chunks/s | {large['build_chunks_per_s']:.1f} ÷ {large['raw_forward_chunks_per_s']:.1f} = **{ratio:.3f}** | ≥ 0.85 |
-| peak RSS before the index, large ÷ small ({small['tokens']:,} tokens) | {large['peak_rss_mb_before_index']:.0f} MB ÷ {small['peak_rss_mb_before_index']:.0f} MB = **{rss:.3f}** | ≤ 1.1 |
-| auto index (large) | `{large['index']}`, recall@2 vs exact **{large['recall@2']}** | ≥ 0.95 |
-| neighbour queries/s (large, all splits) | **{large['neighbor_queries_per_s']:.0f}** | ≥ 2,000 |
+| large build | {large["documents"]} docs, {large["tokens"]:,} tokens, {large["chunks"]:,} chunks, {large["build_seconds"]:.0f} s | ≥ 4M tokens |
+| end-to-end build chunks/s ÷ raw forward chunks/s | {large["build_chunks_per_s"]:.1f} ÷ {large["raw_forward_chunks_per_s"]:.1f} = **{ratio:.3f}** | ≥ 0.85 |
+| peak RSS before the index, large ÷ small ({small["tokens"]:,} tokens) | {large["peak_rss_mb_before_index"]:.0f} MB ÷ {small["peak_rss_mb_before_index"]:.0f} MB = **{rss:.3f}** | ≤ 1.1 |
+| auto index (large) | `{large["index"]}`, recall@2 vs exact **{large["recall@2"]}** | ≥ 0.95 |
+| neighbour queries/s (large, all splits) | **{large["neighbor_queries_per_s"]:.0f}** | ≥ 2,000 |
 
-Time per stage (large): {per_stage}. Size on disk: {large['size_mb']} MB.
+Time per stage (large): {per_stage}. Size on disk: {large["size_mb"]} MB.
 The machine was shared with other jobs during the run, so absolute speeds are noisy; the ratio is
 measured within one process.
 """

@@ -30,14 +30,20 @@ def test_folder_is_recursive_sorted_decompresses_and_skips_hidden(tmp_path):
 def test_jsonl_parquet_and_hf_dataset_keep_ids(tmp_path):
     rows = [{"id": "x7", "text": "alpha"}, {"id": "y8", "text": "beta"}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    assert [(d.name, d.text) for d in iter_documents(tmp_path / "d.jsonl")] == [("x7", "alpha"), ("y8", "beta")]
+    assert [(d.name, d.text) for d in iter_documents(tmp_path / "d.jsonl")] == [
+        ("x7", "alpha"),
+        ("y8", "beta"),
+    ]
 
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"body": ["one", "two"]}), tmp_path / "d.parquet")
-    assert [d.name for d in iter_documents(tmp_path / "d.parquet", text_column="body")] == ["d.parquet#0", "d.parquet#1"]
+    assert [d.name for d in iter_documents(tmp_path / "d.parquet", text_column="body")] == [
+        "d.parquet#0",
+        "d.parquet#1",
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     assert [(d.name, d.text) for d in iter_documents(tmp_path / "hf")] == [("x7", "alpha"), ("y8", "beta")]
     with pytest.raises(RetroDataError, match="no 'content' column"):

@@ -1,5 +1,4 @@
 import logging
-import os
 import random
 
 import numpy as np
@@ -27,13 +26,26 @@ def make_corpus(path, n_docs=30, seed=0):
 def tiny_bert(name="tiny-bert"):
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     return BERTForChunkEmbeddings(name, "cpu", model=BertModel(config), tokenizer=tokenizer, batch_size=32)
 
 
 def build(workspace, corpus, embedder, **kw):
-    kw = {"tokenizer": "bpe:300", "chunk_len": M, "num_neighbors": K, "seq_len": T, "block_size": 64, "quiet": True} | kw
+    kw = {
+        "tokenizer": "bpe:300",
+        "chunk_len": M,
+        "num_neighbors": K,
+        "seq_len": T,
+        "block_size": 64,
+        "quiet": True,
+    } | kw
     return build_workspace(workspace, corpus, embedder=embedder, **kw)
 
 
@@ -71,7 +83,11 @@ def test_layout_and_chunk_round_trip(built):
     first = 0
     for split in ("train", "val", "test"):  # contiguous ranges in split order
         a, b = ws.split_range(split)
-        assert a == first and b > a and set(d["split"] for d in ws.documents[ws.chunk_doc[a] : ws.chunk_doc[b - 1] + 1]) == {split}
+        assert (
+            a == first
+            and b > a
+            and set(d["split"] for d in ws.documents[ws.chunk_doc[a] : ws.chunk_doc[b - 1] + 1]) == {split}
+        )
         first = b
     assert ws.split_range("validation") == ws.split_range("val")
     assert ws.manifest["stages"]["index"]["recall"] == 1.0  # Flat
@@ -85,7 +101,10 @@ def test_no_neighbor_from_a_document_of_the_query_window(built):
         nbrs = ws.neighbors(split, K, T)
         assert nbrs.shape == (end - first, K) and nbrs.dtype == np.int64
         for c in range(first, end):
-            window = range(first + (c - first) // (T // M) * (T // M), min(first + ((c - first) // (T // M) + 1) * (T // M), end))
+            window = range(
+                first + (c - first) // (T // M) * (T // M),
+                min(first + ((c - first) // (T // M) + 1) * (T // M), end),
+            )
             window_docs = set(ws.chunk_doc[list(window)].tolist())
             found = nbrs[c - first][nbrs[c - first] >= 0]
             assert len(found) == K and (found < n_train).all()
@@ -152,12 +171,16 @@ def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, embedder):
     assert all(mtimes(copy)[p] == t for p, t in before.items() if p.name != "manifest.json")
 
 
-@pytest.mark.parametrize("setting, value", [("chunk_len", 4), ("tokenizer", "bytes"), ("index", "IVF4,Flat"), ("seed", 1)])
+@pytest.mark.parametrize(
+    "setting, value", [("chunk_len", 4), ("tokenizer", "bytes"), ("index", "IVF4,Flat"), ("seed", 1)]
+)
 def test_settings_mismatch_is_refused_naming_the_setting(built, embedder, setting, value):
     root, corpus = built
     before = snapshot(root)
     with pytest.raises(RetroDataError, match=f"built with {setting}="):
-        build(root, corpus, embedder, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {}))
+        build(
+            root, corpus, embedder, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {})
+        )
     assert snapshot(root) == before
 
 
@@ -195,7 +218,9 @@ def test_unwritable_workspace_and_unknown_embedder(tmp_path, embedder):
 
 
 def test_build_db_main_errors_return_2(tmp_path, capsys):
-    assert build_db_main(["--corpus", str(tmp_path / "missing.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+    assert (
+        build_db_main(["--corpus", str(tmp_path / "missing.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: corpus not found") and err.count("\n") == 1
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01")
@@ -220,8 +245,23 @@ def test_build_db_main_builds_with_a_local_embedder(tmp_path, embedder, caplog):
     embedder.model.save_pretrained(folder)
     embedder.tokenizer.save_pretrained(folder)
     corpus = make_corpus(tmp_path / "c.txt", n_docs=12)
-    args = ["--corpus", str(corpus), "--workspace", str(tmp_path / "ws"), "--tokenizer", "bytes", "--chunk_len", "16",
-            "--seq_len", "64", "--embedder", str(folder), "--device", "cpu", "--quiet"]
+    args = [
+        "--corpus",
+        str(corpus),
+        "--workspace",
+        str(tmp_path / "ws"),
+        "--tokenizer",
+        "bytes",
+        "--chunk_len",
+        "16",
+        "--seq_len",
+        "64",
+        "--embedder",
+        str(folder),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert build_db_main(args) == 0
     ws = open_workspace(tmp_path / "ws")
     assert ws.manifest["settings"]["embedder"] == str(folder) and ws.neighbors("test", 2, 64).shape[1] == 2

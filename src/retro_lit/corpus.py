@@ -45,7 +45,9 @@ class Document:
     text: str
 
 
-def iter_documents(source: str | Path, *, glob: str = "**/*", text_column: str = "text") -> Iterator[Document]:
+def iter_documents(
+    source: str | Path, *, glob: str = "**/*", text_column: str = "text"
+) -> Iterator[Document]:
     """Yield the documents of `source` in a fixed order (see the module docstring)."""
     kind, path = resolve_source(source)
     if kind == "shakespeare" or kind == "folder":
@@ -75,7 +77,9 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
         return "shakespeare", Path(spec.submodule_search_locations[0]) / "plays"
     if str(source) == "linux-doc":
         if not LINUX_DOC_DIR.is_dir():
-            raise RetroDataError(f"corpus 'linux-doc' needs {LINUX_DOC_DIR}: apt-get install -y linux-doc-6.1")
+            raise RetroDataError(
+                f"corpus 'linux-doc' needs {LINUX_DOC_DIR}: apt-get install -y linux-doc-6.1"
+            )
         return "linux-doc", LINUX_DOC_DIR
     path = Path(source).expanduser()
     if not path.exists():
@@ -110,7 +114,9 @@ def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: in
     Each split with a non-zero fraction gets at least one document; train gets the remainder.
     """
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise RetroDataError(f"split must be three fractions >= 0 summing to 1 with train > 0, got {fractions}")
+        raise RetroDataError(
+            f"split must be three fractions >= 0 summing to 1 with train > 0, got {fractions}"
+        )
     sizes = [max(1, round(f * n_docs)) if f > 0 else 0 for f in fractions[1:]]
     needed = 1 + sum(size > 0 for size in sizes)
     if n_docs < needed:
@@ -129,7 +135,9 @@ def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: in
 
 def _files(root: Path, pattern: str) -> list[Path]:
     files = sorted(
-        p for p in root.glob(pattern) if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p
+        for p in root.glob(pattern)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
         raise RetroDataError(f"no files matching {pattern!r} under {root}")

@@ -90,7 +90,9 @@ class Workspace:
         """(n_chunks_of_split, K) int64 global chunk ids, -1 = none."""
         path = neighbors_path(self.root, SPLIT_ALIASES.get(split, split), k, seq_len)
         if not path.exists():
-            raise RetroDataError(f"no neighbours for k={k}, seq_len={seq_len} in {self.root}; run build-db with them")
+            raise RetroDataError(
+                f"no neighbours for k={k}, seq_len={seq_len} in {self.root}; run build-db with them"
+            )
         return np.load(path, mmap_mode="r")
 
     def neighbor_tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -114,7 +116,8 @@ class Workspace:
         """Keys of chunks [start, end) -> (end - start, E) float32, read from the embedding blocks."""
         size = int(self.manifest["settings"]["block_size"])
         parts = []
-        for block in range(start // size, (end - 1) // size + 1 if end > start else start // size):
+        last_block = (end - 1) // size if end > start else start // size - 1  # empty range: no block
+        for block in range(start // size, last_block + 1):
             keys = np.load(block_path(self.root, block), mmap_mode="r")
             lo, hi = max(start - block * size, 0), min(end - block * size, size)
             parts.append(np.asarray(keys[lo:hi], dtype=np.float32))
@@ -140,7 +143,9 @@ def open_workspace(path: str | Path) -> Workspace:
     """Open a built workspace read-only; fails clearly when it is missing or its chunks are not built."""
     manifest = read_manifest(path)
     if manifest is None or not manifest["stages"].get("chunks", {}).get("done"):
-        raise RetroDataError(f"no built workspace at {path}: run `retro-lit build-db --workspace {path}` first")
+        raise RetroDataError(
+            f"no built workspace at {path}: run `retro-lit build-db --workspace {path}` first"
+        )
     return Workspace(path, manifest)
 
 
@@ -217,7 +222,12 @@ def chunk_corpus(
     tmp_docs = root / "documents.jsonl.tmp"
     with open(tmp_docs, "w", encoding="utf-8") as f:
         for doc, src in enumerate(order):
-            row = {"doc": doc, "name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])}
+            row = {
+                "doc": doc,
+                "name": names[src],
+                "split": SPLITS[labels[src]],
+                "n_tokens": int(n_tokens[src]),
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     lm_tokenizer.save(root / "tokenizer.json.tmp")
     for path in [*paths.values(), root / "documents.jsonl", root / "tokenizer.json"]:
@@ -226,7 +236,10 @@ def chunk_corpus(
 
     split_docs = np.bincount(labels, minlength=3)
     first_doc = np.concatenate([[0], np.cumsum(split_docs)])
-    splits = {name: [int(doc_offsets[first_doc[i]]), int(doc_offsets[first_doc[i + 1]])] for i, name in enumerate(SPLITS)}
+    splits = {
+        name: [int(doc_offsets[first_doc[i]]), int(doc_offsets[first_doc[i + 1]])]
+        for i, name in enumerate(SPLITS)
+    }
     counts = {
         "documents": len(names),
         "chunks": n_chunks,
@@ -236,10 +249,15 @@ def chunk_corpus(
         "dtype": np.dtype(dtype).name,
         "split_documents": {name: int(n) for name, n in zip(SPLITS, split_docs)},
     }
-    return [*paths.values(), root / "documents.jsonl", root / "tokenizer.json"], {"splits": splits, "counts": counts}
+    return [*paths.values(), root / "documents.jsonl", root / "tokenizer.json"], {
+        "splits": splits,
+        "counts": counts,
+    }
 
 
-def _tokenize_to_file(corpus, tokenizer: LMTokenizer, path: Path, dtype, n_docs: int, quiet: bool) -> np.ndarray:
+def _tokenize_to_file(
+    corpus, tokenizer: LMTokenizer, path: Path, dtype, n_docs: int, quiet: bool
+) -> np.ndarray:
     """Append every document's tokens to a flat file; returns (n_docs,) token counts, corpus order."""
     counts = np.zeros(n_docs, dtype=np.int64)
     i, batch, chars = 0, [], 0
@@ -291,9 +309,12 @@ def embed_chunks(
         return embedder.tokenize(texts)
 
     written = []
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
-        total=sum(min(size, n_chunks - b * size) for b in todo), desc="embed", unit="chunk", disable=quiet
-    ) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        tqdm(
+            total=sum(min(size, n_chunks - b * size) for b in todo), desc="embed", unit="chunk", disable=quiet
+        ) as bar,
+    ):
         pending = pool.submit(prepare, todo[0]) if todo else None
         for j, block in enumerate(todo):
             token_ids = pending.result()
@@ -337,7 +358,11 @@ def build_workspace(
     root = Path(workspace)
     quiet = quiet or not sys.stderr.isatty()
     split = tuple(float(f) for f in split)
-    for name, value in (("chunk_len", chunk_len), ("num_neighbors", num_neighbors), ("block_size", block_size)):
+    for name, value in (
+        ("chunk_len", chunk_len),
+        ("num_neighbors", num_neighbors),
+        ("block_size", block_size),
+    ):
         if value <= 0:
             raise RetroDataError(f"{name} must be > 0, got {value}")
     if seq_len <= 0 or seq_len % chunk_len:
@@ -376,7 +401,9 @@ def build_workspace(
         return info
 
     def run_chunks() -> dict:
-        paths, fields = chunk_corpus(root, corpus, tokenizer=tokenizer, chunk_len=chunk_len, split=split, seed=seed, quiet=quiet)
+        paths, fields = chunk_corpus(
+            root, corpus, tokenizer=tokenizer, chunk_len=chunk_len, split=split, seed=seed, quiet=quiet
+        )
         manifest.update(fields)
         return {"files": [p.name for p in paths]}
 
@@ -384,8 +411,12 @@ def build_workspace(
         start = time.perf_counter()
         n_new = sum(len(np.load(p, mmap_mode="r")) for p in embed_chunks(root, embedder, quiet=quiet))
         rate = n_new / max(time.perf_counter() - start, 1e-9)
-        return {"dim": embedder.dim, "dtype": "float16", "blocks": math.ceil(manifest["counts"]["chunks"] / block_size),
-                "chunks_per_s": round(rate, 1)}
+        return {
+            "dim": embedder.dim,
+            "dtype": "float16",
+            "blocks": math.ceil(manifest["counts"]["chunks"] / block_size),
+            "chunks_per_s": round(rate, 1),
+        }
 
     stage("chunks", run_chunks)
     if until == "chunks":
@@ -393,11 +424,18 @@ def build_workspace(
     stage("embeddings", run_embeddings)
     if until == "embeddings":
         return root
-    index_info = stage("index", lambda: build_index(open_workspace(root), index, k=num_neighbors, seed=seed, quiet=quiet)[1])
+    index_info = stage(
+        "index", lambda: build_index(open_workspace(root), index, k=num_neighbors, seed=seed, quiet=quiet)[1]
+    )
     key = f"neighbors/k{num_neighbors}_t{seq_len}"
     if until == "index":
         return root
-    stage(key, lambda: compute_neighbors(open_workspace(root), num_neighbors, seq_len, nprobe=index_info.get("nprobe"), quiet=quiet)[1])
+    stage(
+        key,
+        lambda: compute_neighbors(
+            open_workspace(root), num_neighbors, seq_len, nprobe=index_info.get("nprobe"), quiet=quiet
+        )[1],
+    )
     summary = build_summary(root, num_neighbors, seq_len)
     log.info("%s", format_summary(summary, built_now=bool(times)))
     return root
@@ -411,12 +449,15 @@ def _start_manifest(root: Path, settings: dict) -> dict:
     manifest = read_manifest(root) if root.exists() else None
     if manifest is not None and any(info.get("done") for info in manifest["stages"].values()):
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise RetroDataError(f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}")
+            raise RetroDataError(
+                f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"
+            )
         for key, value in settings.items():
             old = manifest["settings"].get(key)
             if old != value:
                 raise RetroDataError(
-                    f"workspace {root} was built with {key}={old!r}, not {value!r}; use another --workspace or the same setting"
+                    f"workspace {root} was built with {key}={old!r}, not {value!r}; "
+                    "use another --workspace or the same setting"
                 )
         return manifest
     try:
@@ -426,12 +467,20 @@ def _start_manifest(root: Path, settings: dict) -> dict:
         probe.unlink()
     except OSError as e:
         raise RetroDataError(f"workspace {root} is not writable: {e.strerror}") from None
-    manifest = {"format_version": FORMAT_VERSION, "settings": settings, "splits": {}, "counts": {}, "stages": {}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "settings": settings,
+        "splits": {},
+        "counts": {},
+        "stages": {},
+    }
     write_manifest(root, manifest)
     return manifest
 
 
-def build_summary(workspace: str | Path, num_neighbors: int | None = None, seq_len: int | None = None) -> dict:
+def build_summary(
+    workspace: str | Path, num_neighbors: int | None = None, seq_len: int | None = None
+) -> dict:
     """Docs, chunks, tokens, embedding chunks/s, index type, recall@k, time per stage, size on disk."""
     root = Path(workspace)
     manifest = read_manifest(root)
@@ -466,15 +515,25 @@ def format_summary(summary: dict, built_now: bool = True) -> str:
 def build_db_main(argv: list[str] | None = None) -> int:
     """`retro-lit build-db`: build or resume a workspace, print its summary; bad input -> exit code 2."""
     parser = argparse.ArgumentParser(prog="retro-lit build-db", description=build_db_main.__doc__)
-    parser.add_argument("--corpus", required=True, help="file, folder, .jsonl, .parquet, HF dataset folder, 'shakespeare' or 'linux-doc'")
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        help="file, folder, .jsonl, .parquet, HF dataset folder, 'shakespeare' or 'linux-doc'",
+    )
     parser.add_argument("--workspace", required=True, help="output folder (resumed when it exists)")
     parser.add_argument("--tokenizer", default="bpe:8192", help="bpe:N, bytes, smollm2, or a local tokenizer")
     parser.add_argument("--chunk_len", type=int, default=64, help="tokens per chunk (M)")
-    parser.add_argument("--embedder", default=None, help="BERT model folder or cached name (default all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--embedder", default=None, help="BERT model folder or cached name (default all-MiniLM-L6-v2)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--index", default="auto", help="'auto' or a faiss index_factory string, e.g. IVF1024,Flat")
+    parser.add_argument(
+        "--index", default="auto", help="'auto' or a faiss index_factory string, e.g. IVF1024,Flat"
+    )
     parser.add_argument("--num_neighbors", type=int, default=2, help="neighbours per chunk (K)")
-    parser.add_argument("--seq_len", type=int, default=2048, help="training sequence length (T), for neighbour exclusion")
+    parser.add_argument(
+        "--seq_len", type=int, default=2048, help="training sequence length (T), for neighbour exclusion"
+    )
     parser.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of the documents")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document split and index sampling")
     parser.add_argument("--batch_size", type=int, default=128, help="embedder batch size")
@@ -490,9 +549,19 @@ def build_db_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         build_workspace(
-            args.workspace, args.corpus, tokenizer=args.tokenizer, chunk_len=args.chunk_len, embedder=args.embedder,
-            device=args.device, index=args.index, num_neighbors=args.num_neighbors, seq_len=args.seq_len,
-            split=split, seed=args.seed, batch_size=args.batch_size, quiet=args.quiet,
+            args.workspace,
+            args.corpus,
+            tokenizer=args.tokenizer,
+            chunk_len=args.chunk_len,
+            embedder=args.embedder,
+            device=args.device,
+            index=args.index,
+            num_neighbors=args.num_neighbors,
+            seq_len=args.seq_len,
+            split=split,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            quiet=args.quiet,
         )
     except (RetroDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

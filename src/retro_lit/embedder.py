@@ -68,7 +68,9 @@ class BERTForChunkEmbeddings:
         self.batch_size = batch_size
         self.max_length = min(max_length, getattr(model.config, "max_position_embeddings", max_length))
         self.dim = int(model.config.hidden_size)  # E
-        cuda_dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        cuda_dtype = (
+            torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+        )
         self.dtype = dtype or (cuda_dtype if self.device.type == "cuda" else torch.bfloat16)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise RetroDataError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")

@@ -91,7 +91,9 @@ def build_index(
     queries = np.sort(rng.choice(len(ws.chunks), size=min(len(ws.chunks), RECALL_QUERIES), replace=False))
     xq = ws.embeddings_at(queries)  # (Q, E)
     kth = _exact_kth_distance(ws, xq, queries, k)  # (Q,)
-    halves = [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
+    halves = (
+        [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
+    )
     if ivf is not None:
         for nprobe in (2**i for i in range(int(math.log2(ivf.nlist)) + 1)):
             ivf.nprobe = nprobe
@@ -101,9 +103,22 @@ def build_index(
     path = ws.root / "index.faiss"
     faiss.write_index(index, str(path.with_name(path.name + ".tmp")))
     os.replace(path.with_name(path.name + ".tmp"), path)
-    info = {"factory": name, "n": int(n), "nprobe": ivf.nprobe if ivf else None, "k": k,
-            "recall": round(float(recall), 4), "train_sample": int(len(sample))}
-    log.info("index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)", name, n, k, recall, info["nprobe"])
+    info = {
+        "factory": name,
+        "n": int(n),
+        "nprobe": ivf.nprobe if ivf else None,
+        "k": k,
+        "recall": round(float(recall), 4),
+        "train_sample": int(len(sample)),
+    }
+    log.info(
+        "index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)",
+        name,
+        n,
+        k,
+        recall,
+        info["nprobe"],
+    )
     return path, info
 
 
@@ -115,7 +130,11 @@ def load_index(path: str | Path, nprobe: int | None = None) -> faiss.Index:
 
 
 def search_excluding(
-    index: faiss.Index, xq: np.ndarray, k: int, drop: Callable[[np.ndarray, np.ndarray], np.ndarray], extra: int = 8
+    index: faiss.Index,
+    xq: np.ndarray,
+    k: int,
+    drop: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    extra: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest ids and distances of xq (Q, E), skipping ids where `drop(rows, ids)` is True.
 
@@ -153,23 +172,35 @@ class RetroIndex:
     the workspace's embedder, on `device`.
     """
 
-    def __init__(self, workspace: str | Path, chunk_len: int, bert: "BERTForChunkEmbeddings | None" = None, device: str = "auto"):
+    def __init__(
+        self,
+        workspace: str | Path,
+        chunk_len: int,
+        bert: "BERTForChunkEmbeddings | None" = None,
+        device: str = "auto",
+    ):
         self.workspace = Path(workspace)
         self.chunk_len = chunk_len
         self.bert = bert
         self.device = device
         self._ws = self._index = None
 
-    def search(self, queries: list[str] | torch.Tensor, k: int = 2, exclude_docs: Sequence[int] | None = None) -> Retrieved:
+    def search(
+        self, queries: list[str] | torch.Tensor, k: int = 2, exclude_docs: Sequence[int] | None = None
+    ) -> Retrieved:
         """Neighbours of Q query chunks (texts, or LM tokens (Q, M) with -1/pad ignored), skipping docs."""
         if k <= 0:
             raise RetroDataError(f"k must be > 0, got {k}")
         ws, index = self._open()
         if isinstance(queries, torch.Tensor):
-            queries = [ws.tokenizer.decode([t for t in row.tolist() if t >= 0 and t != ws.pad_id]) for row in queries]
+            queries = [
+                ws.tokenizer.decode([t for t in row.tolist() if t >= 0 and t != ws.pad_id]) for row in queries
+            ]
         xq = self.bert(list(queries)).numpy()  # (Q, E)
         excluded = np.asarray(sorted(exclude_docs or []), dtype=np.int64)
-        ids, dist = search_excluding(index, xq, k, lambda rows, i: np.isin(ws.chunk_doc[np.maximum(i, 0)], excluded))
+        ids, dist = search_excluding(
+            index, xq, k, lambda rows, i: np.isin(ws.chunk_doc[np.maximum(i, 0)], excluded)
+        )
         docs = np.where(ids >= 0, ws.chunk_doc[np.maximum(ids, 0)], -1).astype(np.int64)  # (Q, K)
         names = [[ws.documents[d]["name"] if d >= 0 else None for d in row] for row in docs.tolist()]
         return Retrieved(ids, dist, ws.neighbor_tokens(ids), docs, names)
@@ -181,7 +212,9 @@ class RetroIndex:
 
             ws = open_workspace(self.workspace)
             if ws.chunk_len != self.chunk_len:
-                raise RetroDataError(f"workspace {self.workspace} has chunk_len {ws.chunk_len}, not {self.chunk_len}")
+                raise RetroDataError(
+                    f"workspace {self.workspace} has chunk_len {ws.chunk_len}, not {self.chunk_len}"
+                )
             info = ws.manifest["stages"].get("index", {})
             if not info.get("done"):
                 raise RetroDataError(f"workspace {self.workspace} has no index yet: run build-db first")
@@ -214,7 +247,9 @@ def _exact_kth_distance(ws: "Workspace", xq: np.ndarray, queries: np.ndarray, k:
     return np.sort(best, axis=1)[:, k - 1]  # (Q,)
 
 
-def _recall(ws: "Workspace", index: faiss.Index, xq: np.ndarray, queries: np.ndarray, kth: np.ndarray, k: int) -> float:
+def _recall(
+    ws: "Workspace", index: faiss.Index, xq: np.ndarray, queries: np.ndarray, kth: np.ndarray, k: int
+) -> float:
     """Fraction of the k results (own chunk dropped) whose true distance is within the exact k-th."""
     ids, _ = search_excluding(index, xq, k, lambda rows, i: i == queries[rows, None], extra=1)  # (Q, k)
     keys = ws.embeddings_at(np.maximum(ids, 0).reshape(-1)).reshape(*ids.shape, -1)  # (Q, k, E)
@@ -229,4 +264,8 @@ def _to_gpu(index: faiss.Index) -> faiss.Index:
 
 
 def _to_cpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
+    return (
+        faiss.index_gpu_to_cpu(index)
+        if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__
+        else index
+    )

