@@ -51,39 +51,38 @@ class RetroDataset(Dataset):
         self.chunk_len = ws.chunk_len
         self.chunks_per_seq = seq_len // ws.chunk_len  # L
         self.first, self.end = (int(i) for i in ws.split_range(split))
-        self._ws = None  # opened lazily, once per process
+        self._opened = None  # (workspace, neighbor ids, pad id, token bytes), opened once per process
 
     def __len__(self) -> int:
         return (self.end - self.first) // self.chunks_per_seq
 
     def __getstate__(self) -> dict:
         # never ship open memmaps to a worker: pickling an np.memmap copies its data
-        return {**self.__dict__, "_ws": None}
+        return {**self.__dict__, "_opened": None}
 
     def _open(self):
-        if self._ws is None:
+        if self._opened is None:
             ws = open_workspace(self.workspace)
-            self._neighbor_ids = ws.neighbors(self.split, self.num_neighbors, self.seq_len)  # (chunks, K)
-            self._pad_id = ws.pad_id
-            self._token_bytes = np.asarray(ws.tokenizer.token_bytes, dtype=np.int64)  # (V,)
-            self._ws = ws
-        return self._ws
+            neighbor_ids = ws.neighbors(self.split, self.num_neighbors, self.seq_len)  # (chunks of split, K)
+            token_bytes = np.asarray(ws.tokenizer.token_bytes, dtype=np.int64)  # (V,)
+            self._opened = ws, neighbor_ids, ws.pad_id, token_bytes
+        return self._opened
 
     def __getitem__(self, s: int) -> RetroSample:
         if not 0 <= s < len(self):
             raise IndexError(f"sequence {s} out of range for split {self.split!r} of {len(self)} sequences")
-        ws = self._open()
+        ws, neighbor_ids, pad_id, token_bytes = self._open()
         L = self.chunks_per_seq
         first = self.first + s * L
         tokens = np.asarray(ws.chunks[first : first + L], dtype=np.int64).reshape(-1)  # (T,)
         # the target of the last position is the first token of the next chunk, if the split has one
-        after = int(ws.chunks[first + L, 0]) if first + L < self.end else self._pad_id
+        after = int(ws.chunks[first + L, 0]) if first + L < self.end else pad_id
         targets = np.append(tokens[1:], after)  # (T,)
-        ignored = targets == self._pad_id
-        target_bytes = np.where(ignored, 0, self._token_bytes[targets])  # (T,)
+        ignored = targets == pad_id
+        target_bytes = np.where(ignored, 0, token_bytes[targets])  # (T,)
         targets[ignored] = IGNORE_INDEX
-        neighbor_ids = self._neighbor_ids[s * L : (s + 1) * L]  # (L, K) global chunk ids, -1 = none
-        neighbors = ws.neighbor_tokens(np.asarray(neighbor_ids))  # (L, K, R)
+        ids = np.asarray(neighbor_ids[s * L : (s + 1) * L])  # (L, K) global chunk ids, -1 = none
+        neighbors = ws.neighbor_tokens(ids)  # (L, K, R)
         return RetroSample(
             torch.from_numpy(tokens),
             torch.from_numpy(targets),

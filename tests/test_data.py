@@ -1,0 +1,147 @@
+"""RetroDataModule / RetroDataset on a tiny built workspace (in-process, no Trainer)."""
+
+import pickle
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from retro_lit.corpus import RetroDataError
+from retro_lit.data import IGNORE_INDEX, RetroDataModule, RetroDataset, RetroSample
+from retro_lit.database import open_workspace
+from retro_lit.embedder import default_model_path
+
+M, K, T = 8, 2, 32
+L = T // M
+WORDS = "the king queen castle sword river night day love war crown ghost ship storm letter garden".split()
+
+
+def write_corpus(folder, n_docs=40, seed=0):
+    """One short synthetic document per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(n_docs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "." for _ in range(rng.randint(2, 8))]
+        (folder / f"doc{i:03d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    return folder
+
+
+def save_tiny_bert(folder):
+    """A random 1-layer BERT with the MiniLM tokenizer, saved so that `--data.embedder <folder>` loads it."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
+    kwargs = dict(workspace=str(tmp / "ws"), corpus=str(write_corpus(tmp / "corpus")), tokenizer="bytes",
+                  chunk_size=M, seq_len=T, num_neighbors=K, embedder=str(save_tiny_bert(tmp / "bert")), index="Flat",
+                  batch_size=4, num_workers=0)
+    RetroDataModule(**kwargs).prepare_data()
+    return kwargs
+
+
+def test_vocab_size_needs_no_workspace(tmp_path):
+    assert RetroDataModule(str(tmp_path / "none"), tokenizer="bytes").vocab_size == 257
+    assert RetroDataModule(str(tmp_path / "none"), tokenizer="bpe:8192").vocab_size == 8192
+
+
+def test_bad_arguments_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="data.seq_len"):
+        RetroDataModule(str(tmp_path), chunk_size=8, seq_len=20)
+    with pytest.raises(ValueError, match="data.num_neighbors"):
+        RetroDataModule(str(tmp_path), num_neighbors=0)
+
+
+def test_sample_layout(built):
+    ws = open_workspace(built["workspace"])
+    ds = RetroDataset(built["workspace"], "train", T, K)
+    first, end = ws.split_range("train")
+    assert len(ds) == (end - first) // L
+    for s in (0, len(ds) - 1):
+        sample = ds[s]
+        assert isinstance(sample, RetroSample)
+        assert [tuple(x.shape) for x in sample] == [(T,), (T,), (L, K, 2 * M), (T,)]
+        assert all(x.dtype == torch.int64 for x in sample)
+        chunks = np.asarray(ws.chunks[first + s * L : first + (s + 1) * L], dtype=np.int64)
+        assert sample.input_ids.tolist() == chunks.reshape(-1).tolist()
+        # targets: the next token, -100 where it is padding; bytes from the tokenizer, 0 where ignored
+        following = np.append(chunks.reshape(-1)[1:], ws.chunks[first + (s + 1) * L, 0] if first + (s + 1) * L < end else ws.pad_id)
+        expected = np.where(following == ws.pad_id, IGNORE_INDEX, following)
+        assert sample.targets.tolist() == expected.tolist()
+        kept = sample.targets != IGNORE_INDEX
+        assert (sample.target_bytes[~kept] == 0).all()
+        assert sample.target_bytes[kept].tolist() == ws.tokenizer.token_bytes[sample.targets[kept].numpy()].tolist()
+        ids = ws.neighbors("train", K, T)[s * L : (s + 1) * L]
+        assert sample.neighbors.tolist() == ws.neighbor_tokens(np.asarray(ids)).tolist()
+
+
+def test_no_neighbor_from_the_sequence_documents(built):
+    ws = open_workspace(built["workspace"])
+    for split in ("train", "val"):
+        ds = RetroDataset(built["workspace"], split, T, K)
+        ids = ws.neighbors(split, K, T)
+        for s in range(len(ds)):
+            first = ds.first + s * L
+            own_docs = set(ws.chunk_doc[first : first + L].tolist())
+            found = ids[s * L : (s + 1) * L]
+            found = found[found >= 0]
+            assert not own_docs & set(ws.chunk_doc[found].tolist())
+
+
+def test_dataset_pickles_without_memmaps(built):
+    ds = RetroDataset(built["workspace"], "train", T, K)
+    ds[0]  # opens the memmaps in this process
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._opened is None and len(pickle.dumps(ds)) < 2000
+    assert clone[1].input_ids.tolist() == ds[1].input_ids.tolist()
+
+
+def test_setup_and_loaders_with_workers(built):
+    dm = RetroDataModule(**{**built, "corpus": None, "num_workers": 1})
+    dm.setup("fit")
+    assert set(dm.datasets) == {"train", "val"}
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, RetroSample) and batch.neighbors.shape == (4, L, K, 2 * M)
+    dm.setup("test")
+    assert len(next(iter(dm.test_dataloader())).input_ids) <= 4
+
+
+def test_per_device_batch_size(built):
+    dm = RetroDataModule(**{**built, "corpus": None, "batch_size": 8})
+    dm.trainer = SimpleNamespace(world_size=2, num_devices=2)
+    dm.setup("validate")
+    assert dm.per_device_batch_size == 4 and dm.val_dataloader().batch_size == 4
+    dm.trainer = SimpleNamespace(world_size=3, num_devices=3)
+    with pytest.raises(RetroDataError, match="divisible by the number of devices"):
+        dm.setup("validate")
+
+
+def test_missing_workspace_fails_clearly(tmp_path):
+    with pytest.raises(RetroDataError, match="no built workspace"):
+        RetroDataModule(str(tmp_path / "missing"), tokenizer="bytes").setup("fit")
+
+
+def test_other_chunk_size_is_refused(built):
+    with pytest.raises(RetroDataError, match="chunk_len"):
+        RetroDataModule(**{**built, "chunk_size": 4, "seq_len": T}).prepare_data()
+    with pytest.raises(RetroDataError, match="data.chunk_size is 4"):
+        RetroDataModule(**{**built, "corpus": None, "chunk_size": 4}).setup("fit")
+
+
+def test_neighbor_table(built):
+    columns, rows = RetroDataModule(**{**built, "corpus": None}).neighbor_table(3)
+    assert columns == ["chunk", "text", "neighbor_0", "l2_0", "neighbor_1", "l2_1"]
+    assert len(rows) == 3 and all(len(row) == len(columns) for row in rows)
+    assert all(isinstance(row[1], str) and row[1] for row in rows)
+    assert all(d is None or d >= 0 for row in rows for d in row[3::2])
