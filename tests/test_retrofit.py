@@ -125,6 +125,26 @@ def test_own_embeddings_and_short_sequences(saved_lm):
         assert torch.equal(model(short, neighbors), model.lm(short).logits)
 
 
+def test_checkpoints_leave_out_the_frozen_lm(saved_lm, tmp_path):
+    model = retrofit(saved_lm)
+    train_steps(model)
+    state = model.state_dict()
+    assert state and not any(k.startswith("lm.") for k in state)
+    assert len(state) == len([n for n, _ in model.named_parameters() if not n.startswith("lm.")]) + 1  # + checksum
+    torch.save(state, tmp_path / "retrofit.pt")
+    restored = retrofit(saved_lm)  # a fresh build: re-loads the LM, new random CCA and encoder
+    restored.load_state_dict(torch.load(tmp_path / "retrofit.pt", weights_only=True))  # strict
+    model.eval(), restored.eval()
+    tokens, neighbors = batch()
+    with torch.no_grad():
+        assert torch.equal(restored(tokens, neighbors), model(tokens, neighbors))
+    other_path = tmp_path / "other"
+    tiny_llama().save_pretrained(other_path)  # other random weights, same shapes
+    other = retrofit(str(other_path))
+    with pytest.raises(RuntimeError, match="lm_checksum"):
+        other.load_state_dict(state)
+
+
 def test_config_errors(saved_lm):
     with pytest.raises(ValueError, match="cca_layers"):
         retrofit(saved_lm, cca_layers=(4,))  # a 4-layer LM

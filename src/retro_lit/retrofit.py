@@ -131,6 +131,29 @@ def default_cca_layers(n_layer: int) -> tuple[int, ...]:
     return tuple(range(5, n_layer, 3))
 
 
+def lm_checksum(lm: nn.Module) -> Tensor:
+    """Sum of each parameter tensor of `lm`, float64 (P,): tells whether two loads are the same weights."""
+    return torch.stack([p.detach().double().sum().cpu() for p in lm.parameters()])
+
+
+def _drop_frozen_lm(module: RetroFitModel, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "lm.")]:
+        del state_dict[key]
+
+
+def _restore_frozen_lm(module: RetroFitModel, state_dict: dict, prefix: str, local_metadata, strict: bool,
+                       missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Fill the frozen LM's weights that a checkpoint left out with the ones loaded, if they are the same."""
+    saved = state_dict.get(prefix + "lm_checksum")
+    if saved is not None and not any(k.startswith(prefix + "lm.") for k in state_dict):
+        ours, theirs = lm_checksum(module.lm), saved.cpu().view(torch.float64)
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-6, atol=1e-4):
+            error_msgs.append("the frozen LM loaded from `base_model` differs from the one this checkpoint was "
+                              "trained on (lm_checksum mismatch)")
+        for key, value in module.lm.state_dict().items():
+            state_dict[prefix + "lm." + key] = value
+
+
 # ----------------------------------------------------------------------------- new layers
 
 class RetrievalBranch(nn.Module):
@@ -197,6 +220,11 @@ class RetroFitModel(nn.Module):
         dtype = next(lm.parameters()).dtype
         for module in self.new_modules():
             module.to(dtype)
+        # checkpoints leave out the frozen LM (re-loaded from its files when the model is built) and keep a
+        # per-tensor checksum of it instead, stored as int64 bits so that no dtype cast of the module alters it
+        self.register_buffer("lm_checksum", lm_checksum(lm).view(torch.int64))
+        self.register_state_dict_post_hook(_drop_frozen_lm)
+        self.register_load_state_dict_pre_hook(_restore_frozen_lm)
         counts = self.num_params()
         log.info("RETRO-fit %s: %s trainable parameters (encoder %s, CCA %s in layers %s), %s frozen",
                  type(lm).__name__, f"{counts['trainable']:,}", f"{counts['encoder']:,}", f"{counts['cca']:,}",
