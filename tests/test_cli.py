@@ -1,0 +1,165 @@
+"""`retro-lit`: in-process parsing and errors, and end-to-end runs of the real command in subprocesses."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from retro_lit.cli import EXTRA_COMMANDS, RetroCLI, main
+from retro_lit.data import RetroDataModule
+from test_data import save_tiny_bert, write_corpus
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Corpus and embedder of the tiny config, and a workspace built from them."""
+    tmp = tmp_path_factory.mktemp("cli")
+    paths = {"corpus": write_corpus(tmp / "corpus"), "embedder": save_tiny_bert(tmp / "bert"), "workspace": tmp / "ws"}
+    paths = {k: str(v) for k, v in paths.items()}
+    data = yaml.safe_load(Path(TINY).read_text())["data"]
+    RetroDataModule(**{**data, **paths}).prepare_data()
+    return paths
+
+
+def args_for(tiny, run_dir, *extra, **data):
+    data = {**tiny, **data}
+    return ["--config", TINY, *[f"--data.{k}={v}" for k, v in data.items()], f"--trainer.default_root_dir={run_dir}", *extra]
+
+
+def retro_lit(*args, env=None, timeout=300):
+    """Run the installed console script (as a user would); returns the completed process."""
+    script = Path(sys.executable).with_name("retro-lit")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "retro_lit.cli"]
+    env = {**os.environ, **(env or {})}
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["retro-lit"])  # in-process runs get their arguments from args= only
+
+
+def read_metrics(run_dir, version):
+    with open(Path(run_dir) / "lightning_logs" / f"version_{version}" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+        assert f"    {command} " in out
+    assert set(EXTRA_COMMANDS) == {"build-db", "generate", "evaluate", "demo"}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_config_parses(path, capsys):
+    parts = {"trainer": ["--config", TINY, "--trainer", str(path)], "logger": ["--config", TINY, "--trainer.logger", str(path)]}
+    config_args = parts.get(path.parent.name, ["--config", str(path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config_args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["workspace"] and printed["model"]["config"]["n_layer"] > 0
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", TINY, "--print_config"])
+    first = capsys.readouterr().out
+    (tmp_path / "printed.yaml").write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == first
+    config = yaml.safe_load(first)
+    assert "vocab_size" not in config["model"]["config"] and "chunk_size" not in config["model"]["config"]  # linked
+
+
+def test_links_vocab_and_chunk_size_from_data(tiny, tmp_path):
+    cli = RetroCLI(args=args_for(tiny, tmp_path), run=False)
+    assert cli.model.hparams.config["vocab_size"] == 257 and cli.model.hparams.config["chunk_size"] == 16
+    assert cli.model.model.chunk_len == 16 and cli.model.model.token_emb.num_embeddings == 257
+
+
+def test_fast_dev_run_in_process(tiny, tmp_path):
+    assert main(["fit", *args_for(tiny, tmp_path, "--trainer.fast_dev_run=1")]) == 0
+
+
+def test_config_error_is_one_line(tiny, tmp_path, capsys):
+    assert main(["fit", *args_for(tiny, tmp_path, "--model.config.cca_layers=[7]")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "cca_layers" in err and "Traceback" not in err
+
+
+def test_other_chunk_length_than_the_workspace_is_refused(tiny, tmp_path, capsys):
+    assert main(["fit", *args_for(tiny, tmp_path, "--data.chunk_size=8", "--data.seq_len=128")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "chunk_len=16" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_fit_validate_resume(tiny, tmp_path):
+    run = tmp_path / "run"
+    common = args_for(tiny, run, "--trainer.val_check_interval=10", "--trainer.log_every_n_steps=5")
+    retro_lit("fit", *common, "--trainer.max_steps=20")
+    # the loss falls
+    rows = read_metrics(run, 0)
+    train = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    val = [float(r["val/loss"]) for r in rows if r["val/loss"]]
+    assert train[-1] < train[0] - 1.0 and val[-1] < val[0]
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 20
+    # validate in a new process, from the checkpoint: the same weights give the same val loss
+    retro_lit("validate", *common, f"--ckpt_path={last}")
+    assert float(read_metrics(run, 1)[0]["val/loss"]) == pytest.approx(val[-1], abs=1e-3)
+    # resume: the step count, the optimizer and the schedule continue
+    retro_lit("fit", *common, "--trainer.max_steps=30", "--ckpt_path=last")
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 30
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 30
+    assert all(state["step"] == 30 for state in ckpt["optimizer_states"][0]["state"].values())
+    assert min(int(r["step"]) for r in read_metrics(run, 2)) >= 20
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_builds_the_database_once(tiny, tmp_path):
+    workspace = tmp_path / "ws"  # a fresh workspace, built inside the DDP run
+    proc = retro_lit("fit", *args_for(tiny, tmp_path / "run", workspace=workspace), "--trainer.strategy=ddp",
+                     "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_steps=4",
+                     "--trainer.limit_val_batches=2", "--trainer.val_check_interval=2")
+    log = proc.stdout + proc.stderr
+    assert log.count("prepare_data: building or resuming workspace") == 1, log[-3000:]
+    assert "distributed_backend=gloo" in log
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_leaves_its_folder(tiny, tmp_path):
+    save_dir = tmp_path / "wandb_runs"
+    retro_lit("fit", *args_for(tiny, tmp_path / "run"), "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+              f"--trainer.logger.save_dir={save_dir}", "--trainer.logger.project=retro-lit-test",
+              "--trainer.max_steps=10", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=2",
+              env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = list((save_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # offline runs keep history and config in the run's protobuf log (no wandb-summary.json until synced)
+    (log,) = runs[0].glob("run-*.wandb")
+    records = log.read_bytes()
+    for key in (b"train/loss", b"val/loss", b"val/bpb", b"val/bpb_no_retrieval", b'"config"', b"num_neighbors"):
+        assert key in records, key
+    (table, *_) = sorted((runs[0] / "files").glob("media/table/val/neighbors_*.table.json"))
+    table = json.loads(table.read_text())
+    assert table["columns"][:3] == ["chunk", "text", "neighbor_0"] and table["data"]
