@@ -6,7 +6,7 @@ logged as `val/loss`, `val/ppl`, `val/bpb` and `val/loss_no_retrieval`, `val/ppl
 """
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from typing import Literal
 
@@ -19,6 +19,7 @@ from torchmetrics import Metric
 
 from retro_lit.data import IGNORE_INDEX, RetroSample
 from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.retrofit import RetroFitConfig, RetroFitModel
 
 
 class LanguageModelMetrics(Metric):
@@ -75,11 +76,13 @@ class RetroLM(L.LightningModule):
         min_lr_ratio: float = 0.1,
         retrieval: bool = True,
         eval_retrieval: Literal["both", "on", "off"] = "both",
+        retrofit: RetroFitConfig | None = None,
     ):
         """
         Args:
             config: The model architecture.
-            optimizer: Optimizer class (called with nanoGPT-style parameter groups and `lr`).
+            optimizer: Optimizer class, called with nanoGPT-style parameter groups; its `lr` and `weight_decay`
+                are replaced by `model.lr` and `model.weight_decay`.
             lr: Peak learning rate.
             weight_decay: Decoupled weight decay on matrices and embeddings (never on norms or biases).
             warmup_steps: Linear warm-up steps.
@@ -88,10 +91,14 @@ class RetroLM(L.LightningModule):
             min_lr_ratio: Final learning rate as a fraction of `lr` (the paper decays to 0.1x).
             retrieval: Train with retrieval (the neighbors); False trains the decoder alone (a baseline).
             eval_retrieval: Validate and test with retrieval `on`, `off`, or `both` (logged under two names).
+            retrofit: RETRO-fit a frozen pretrained LM instead of training `config`'s model from scratch (only
+                its CCA and encoder train); `config` then only carries the linked vocab_size and chunk_size.
         """
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint saved outside the CLI
             config = RetroConfig(**config)
+        if isinstance(retrofit, dict):
+            retrofit = RetroFitConfig(**retrofit)
         if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError("model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1]")
         if eval_retrieval not in ("both", "on", "off"):
@@ -99,12 +106,18 @@ class RetroLM(L.LightningModule):
         self.save_hyperparameters()
         # built in Python (not by the CLI), hparams would hold a dataclass and a class, which a weights-only
         # checkpoint load cannot read: keep plain data
-        if isinstance(self.hparams.config, RetroConfig):
-            self.hparams.config = asdict(self.hparams.config)
+        for name in ("config", "retrofit"):
+            if isinstance(self.hparams.get(name), (RetroConfig, RetroFitConfig)):
+                self.hparams[name] = asdict(self.hparams[name])
         if not isinstance(self.hparams.get("optimizer"), (dict, str, type(None))):
             self.hparams.pop("optimizer")
         self.optimizer = optimizer
-        self.model = RetroModel.from_config(config)
+        if retrofit is None:
+            self.model = RetroModel.from_config(config)
+        else:
+            self.model = RetroFitModel.from_config(
+                replace(retrofit, vocab_size=config.vocab_size, chunk_size=config.chunk_size)
+            )
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}{suffix}": LanguageModelMetrics() for stage in ("val", "test") for suffix in ("", "_no_retrieval")}
         )
