@@ -13,6 +13,12 @@ M, K, V = 4, 2, 40
 R = 2 * M
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not fight other jobs on a busy box (conftest restores it)."""
+    torch.set_num_threads(1)
+
 def tiny() -> RetroModel:
     cfg = RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=2, n_head=2, head_dim=8, d_ff=64,
                       cca_layers=(1,), enc_n_layer=1, enc_cross_layers=(0,), init_std=0.2)
