@@ -187,3 +187,25 @@ def test_overfits_one_batch():
 def test_config_validation_names_the_flag():
     with pytest.raises(ValueError, match="cca_layers"):
         RetroConfig(n_layer=2, cca_layers=(5,))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss_matches_cross_entropy(autocast):
+    model = tiny().train()
+    tokens, neighbors = random_batch()
+    targets = tokens.roll(-1, 1)
+    targets[:, -3:] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss, nll = model.loss(tokens, targets, neighbors)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(tokens, neighbors)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ref.sum().div((targets != -100).sum()).backward()
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(nll, ref.detach(), **tol)
+    assert (nll[:, -3:] == 0).all()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused[n], p.grad, **tol, msg=n)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -83,6 +84,9 @@ class RetroConfig:
     """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2)."""
     rope_base: float = 10000.0
     """Rotary embedding base."""
+    recompute_encoder: bool = True
+    """Recompute encoder activations in the backward (K*R/M = 4x the decoder's tokens at k=2): about
+    15% more compute for a large cut in training memory."""
 
     def __post_init__(self):
         self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
@@ -157,7 +161,13 @@ class FeedForward(nn.Module):
         self.up, self.down, self.drop = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.down(F.gelu(self.up(x))))
+        h = self.up(x)  # (..., d_ff)
+        if torch.is_grad_enabled() and h.requires_grad:  # keep only h for backward; GELU is cheap to redo
+            return self.drop(checkpoint(self._down_gelu, h, use_reentrant=False))
+        return self.drop(self._down_gelu(h))
+
+    def _down_gelu(self, h: Tensor) -> Tensor:
+        return self.down(F.gelu(h))
 
 
 def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,8 +206,9 @@ class NearestNeighborEncoder(nn.Module):
     def __init__(self, chunk_len: int, n_layers: int, d_model: int, d_ff: int, n_heads: int, d_k: int,
                  ca_layers: set[int] | tuple[int, ...] = (0,), *, d_input: int | None = None,
                  d_cond: int | None = None, dropout: float = 0.0, norm_eps: float = 1e-5,
-                 rope_base: float = 10000.0):
+                 rope_base: float = 10000.0, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         if any(not 0 <= i < n_layers for i in ca_layers):
             raise ValueError(f"encoder ca_layers {sorted(ca_layers)} must lie in [0, n_layers={n_layers})")
         self.chunk_len, self.d_model, self.rope_base, self.head_dim = chunk_len, d_model, rope_base, d_k
@@ -220,7 +231,10 @@ class NearestNeighborEncoder(nn.Module):
         mask = None if bool(valid.all()) else safe_key_mask(valid)[0]  # (N, 1, 1, R)
         x = self.proj_in(neighbors)  # (N, R, E)
         for layer in self.layers:
-            x = layer(x, cond, rope_r, rope_m, mask)
+            if self.recompute and torch.is_grad_enabled():  # save only layer inputs; redo in backward
+                x = checkpoint(layer, x, cond, rope_r, rope_m, mask, use_reentrant=False)
+            else:
+                x = layer(x, cond, rope_r, rope_m, mask)
         return self.norm_out(x)
 
 
@@ -272,6 +286,49 @@ class ChunkedCrossAttention(nn.Module):
         out = out * has_any[:, None, None].to(out.dtype)
         out = out.reshape(B, -1, D)[:, lead: lead + ta] if n_blocks > 1 else out  # (B, ta, D)
         return torch.cat([x.new_zeros(B, first - start, D), out], dim=1)  # left-pad: (B, t, D)
+
+
+# ----------------------------------------------------------------------------- loss
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
+
+    Works through slices of rows; each slice's gradient w.r.t. x and weight is computed right in the
+    forward (softmax - onehot), so the backward only scales them: no recomputation, and the memory of
+    one (slice, V) block instead of several (N, V) tensors. Also returns the per-row nll (no grad)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int, dtype: torch.dtype):
+        keep = targets != -100
+        count = keep.sum().clamp(min=1)
+        w = weight.to(dtype)
+        grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        nll = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        for lo in range(0, x.shape[0], slice_rows):
+            xs, ts, ks = x[lo:lo + slice_rows].to(dtype), targets[lo:lo + slice_rows], keep[lo:lo + slice_rows]
+            logits = (xs @ w.T).float()  # (S, V)
+            lse = logits.logsumexp(-1)
+            nll[lo:lo + slice_rows] = (lse - logits.gather(1, ts.clamp(min=0)[:, None])[:, 0]) * ks
+            grad = (logits - lse[:, None]).exp_()  # softmax
+            grad[torch.arange(len(ts), device=x.device), ts.clamp(min=0)] -= 1
+            grad = (grad * (ks[:, None] / count)).to(dtype)  # d mean-loss / d logits
+            grad_x[lo:lo + slice_rows] = (grad @ w).to(x.dtype)
+            grad_w += (grad.T @ xs).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(nll)
+        return nll.sum() / count, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int = 256) -> tuple[Tensor, Tensor]:
+    """x (N, D), weight (V, D), targets (N,) with -100 = ignore -> (mean loss, per-row nll (N,))."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return LinearCrossEntropy.apply(x, weight, targets, slice_rows, dtype)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -375,7 +432,7 @@ class RetroModel(nn.Module):
         encoder = NearestNeighborEncoder(
             c.chunk_size, c.enc_n_layer, c.enc_d_model or c.d_model, c.enc_d_ff or c.d_ff, c.enc_n_head or c.n_head,
             c.enc_head_dim or c.head_dim, c.enc_cross_layers, d_input=c.d_model, dropout=c.dropout,
-            norm_eps=c.norm_eps, rope_base=c.rope_base) if c.cca_layers else None
+            norm_eps=c.norm_eps, rope_base=c.rope_base, recompute=c.recompute_encoder) if c.cca_layers else None
         return cls(c.vocab_size, c.d_model, c.n_layer, c.chunk_size, c.n_head, c.head_dim, c.d_ff, encoder,
                    c.cca_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings, norm_eps=c.norm_eps,
                    init_std=c.init_std, rope_base=c.rope_base)
@@ -391,6 +448,17 @@ class RetroModel(nn.Module):
     def forward(self, input_ids: Tensor, neighbors: Tensor | None = None, cache: RetroCache | None = None) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V). neighbors (B, L, K, R) or None (retrieval OFF).
         With a cache, input_ids are the new tokens and neighbors those of the chunks they complete."""
+        return self.lm_head(self.hidden_states(input_ids, neighbors, cache))  # (B, T, V)
+
+    def loss(self, input_ids: Tensor, targets: Tensor, neighbors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean next-token cross-entropy over targets != -100, and the per-token nll (B, T) without
+        grad, computed without materialising the (B, T, V) logits (see LinearCrossEntropy)."""
+        h = self.hidden_states(input_ids, neighbors)  # (B, T, D)
+        loss, nll = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return loss, nll.view_as(targets)
+
+    def hidden_states(self, input_ids: Tensor, neighbors: Tensor | None = None, cache: RetroCache | None = None) -> Tensor:
+        """The final normalised decoder states (B, T, D), before the output head."""
         T = input_ids.shape[1]
         start = cache.length if cache is not None else 0
         rope = rope_cos_sin(torch.arange(start, start + T, device=input_ids.device), self.head_dim, self.rope_base)
@@ -405,7 +473,7 @@ class RetroModel(nn.Module):
             x = x + block.ff(block.norm_ff(x))
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm_out(x))  # (B, T, V)
+        return self.norm_out(x)
 
     def encode_neighbors(self, h: Tensor, neighbors: Tensor | None, start: int,
                          cache: RetroCache | None) -> tuple[Tensor, Tensor] | None:
