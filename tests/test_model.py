@@ -209,3 +209,12 @@ def test_fused_loss_matches_cross_entropy(autocast):
     assert (nll[:, -3:] == 0).all()
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused[n], p.grad, **tol, msg=n)
+
+
+def test_quickstart_model_round_trips_through_its_config():
+    encoder = NearestNeighborEncoder(chunk_len=M, n_layers=3, d_model=24, d_ff=48, n_heads=3, d_k=8, ca_layers={2}, d_input=32)
+    model = RetroModel(50, 32, 4, M, 2, 8, 64, encoder, ca_layers={1, 3})
+    rebuilt = RetroModel.from_config(model.config)
+    rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
+    tokens, neighbors = random_batch()
+    torch.testing.assert_close(rebuilt.eval()(tokens, neighbors), model.eval()(tokens, neighbors))

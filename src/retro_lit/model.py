@@ -144,10 +144,11 @@ class Attention(nn.Module):
                mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         q = self.heads(self.query(x))  # (N, H, S, Dh)
         q = apply_rope(q, *rope) if rope else q
-        k, v = k.to(q.dtype), v.to(q.dtype)  # no-ops unless a cache holds another dtype
+        dtype = torch.promote_types(q.dtype, k.dtype)  # a float32 KV cache keeps decoding attention in float32
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # (no-ops outside decoding)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(-3, -2).flatten(-2))  # (N, S, D)
+        return self.out(y.transpose(-3, -2).flatten(-2).type_as(x))  # (N, S, D)
 
     def forward(self, x: Tensor, context: Tensor | None = None, q_rope=None, k_rope=None,
                 mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -208,7 +209,8 @@ class NearestNeighborEncoder(nn.Module):
                  d_cond: int | None = None, dropout: float = 0.0, norm_eps: float = 1e-5,
                  rope_base: float = 10000.0, recompute: bool = False):
         super().__init__()
-        self.recompute = recompute
+        self.recompute, self.n_layers, self.d_ff, self.n_heads = recompute, n_layers, d_ff, n_heads
+        self.ca_layers, self.dropout, self.norm_eps = tuple(sorted(ca_layers)), dropout, norm_eps
         if any(not 0 <= i < n_layers for i in ca_layers):
             raise ValueError(f"encoder ca_layers {sorted(ca_layers)} must lie in [0, n_layers={n_layers})")
         self.chunk_len, self.d_model, self.rope_base, self.head_dim = chunk_len, d_model, rope_base, d_k
@@ -420,6 +422,10 @@ class RetroModel(nn.Module):
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, n_vocab, bias=False)
         self.init_std = init_std
+        self.config = RetroConfig(  # the same model as a config: checkpoints and the Lightning stack use it
+            vocab_size=n_vocab, chunk_size=chunk_len, d_model=d_model, n_layer=n_layers, n_head=n_heads,
+            head_dim=d_k, d_ff=d_ff, cca_layers=self.ca_layers, dropout=dropout, tie_embeddings=tie_embeddings,
+            norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, **self._encoder_fields(encoder))
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
@@ -436,6 +442,13 @@ class RetroModel(nn.Module):
         return cls(c.vocab_size, c.d_model, c.n_layer, c.chunk_size, c.n_head, c.head_dim, c.d_ff, encoder,
                    c.cca_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings, norm_eps=c.norm_eps,
                    init_std=c.init_std, rope_base=c.rope_base)
+
+    def _encoder_fields(self, encoder: NearestNeighborEncoder | None) -> dict:
+        if not self.ca_layers:
+            return {}
+        return dict(enc_n_layer=encoder.n_layers, enc_cross_layers=encoder.ca_layers, enc_d_model=encoder.d_model,
+                    enc_n_head=encoder.n_heads, enc_head_dim=encoder.head_dim, enc_d_ff=encoder.d_ff,
+                    recompute_encoder=encoder.recompute)
 
     def _init_weights(self, module: nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -514,7 +527,8 @@ class RetroModel(nn.Module):
     # -- utilities ----------------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> RetroCache:
-        """Preallocated cache for up to max_len tokens (dtype: that of the activations, e.g. bf16)."""
+        """Preallocated cache for up to max_len tokens. The default float32 keeps one-token attention over
+        a long prefix in float32, which on CPUs is several times faster than bf16 (a bf16 cache works)."""
         p = self.token_emb.weight
         attn = self.blocks[0].attn
         kv_shape = (batch_size, attn.n_head, max_len, attn.head_dim)
