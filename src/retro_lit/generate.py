@@ -77,15 +77,11 @@ class ChunkNeighbors:
         return torch.stack(self.chunks, dim=1) if self.chunks else None  # (B, L, K, R)
 
 
-def activation_dtype(device: torch.device, default: torch.dtype) -> torch.dtype:
-    """The autocast dtype when autocast is on for `device` (e.g. bfloat16), else `default`."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else default
-
-
-def new_cache_or_none(model: nn.Module, batch_size: int, max_len: int, dtype: torch.dtype):
-    """model.new_cache(...), or None for models without a KV cache (generation then recomputes)."""
+def new_cache_or_none(model: nn.Module, batch_size: int, max_len: int):
+    """model.new_cache(...) (float32: one-token attention over a long prefix is fastest in float32 on CPUs,
+    even under bf16 autocast), or None for models without a KV cache (generation then recomputes)."""
     try:
-        return model.new_cache(batch_size, max_len, dtype)
+        return model.new_cache(batch_size, max_len)
     except (NotImplementedError, AttributeError):
         log.info("%s has no KV cache: generation recomputes the whole prefix at every token", type(model).__name__)
         return None
@@ -102,7 +98,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = N
     temperature <= 0 is greedy; top_k / top_p restrict sampling; seed makes sampling reproducible.
     use_cache: KV cache for self-attention and cached encoded neighbours; a model whose `new_cache` or cached
         forward raises NotImplementedError (e.g. RETRO-fit) falls back to recomputing the prefix.
-    on_retrieval(u, chunk, neighbours) is called after each lookup. Under autocast the cache takes its dtype.
+    on_retrieval(u, chunk, neighbours) is called after each lookup.
     """
     device = next(model.parameters()).device
     tokens = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).to(device=device, dtype=torch.long)  # (B, T0)
@@ -111,8 +107,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = N
     B, T0 = tokens.shape
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     neighbors = ChunkNeighbors(retrieve, model.chunk_len, on_retrieval)
-    dtype = activation_dtype(device, next(model.parameters()).dtype)
-    cache = new_cache_or_none(model, B, T0 + max_new_tokens, dtype) if use_cache else None
+    cache = new_cache_or_none(model, B, T0 + max_new_tokens) if use_cache else None
     new = tokens  # the tokens the model has not seen yet: the prompt, then one token at a time
     for _ in range(max_new_tokens):
         completed = neighbors.update(tokens)  # (B, n, K, R) for chunks completed by `new`, or None
