@@ -5,7 +5,8 @@ layers 5, 8, ..., 29 (9 of 30), a 2-layer neighbour encoder of the LM's width sh
 embeddings; chunk 64, 2 neighbours x 128 tokens, random token and neighbour ids, AdamW (lr 1e-4,
 wd 0.1) on the trainable parameters only, 2 torch threads. Reports training tokens/s (median of the
 timed steps) and, for reference, the forward-only speed of the frozen LM (retrieval OFF) and of the
-RETRO-fitted one (retrieval ON), plus peak RSS.
+RETRO-fitted one (retrieval ON), peak RSS, and the CPU seconds the process got per wall second while
+training (2.0 on an idle box; the figures scale with it when the box is shared).
 
     python benchmarks/retrofit.py                       # seq 512, batch 2, 2 warm-up + 4 timed steps
     python benchmarks/retrofit.py --seq 256 --batch 4 --steps 3
@@ -13,6 +14,7 @@ RETRO-fitted one (retrieval ON), plus peak RSS.
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -26,16 +28,17 @@ from retro_lit.retrofit import RetroFitConfig, RetroFitModel
 CHUNK, K = 64, 2
 
 
-def timed(fn, warmup: int, steps: int) -> float:
-    """Median seconds per call of fn after `warmup` untimed calls."""
+def timed(fn, warmup: int, steps: int) -> tuple[float, float]:
+    """Median wall seconds per call of fn after `warmup` untimed calls, and the CPU seconds this process used
+    per wall second over the timed calls (2.0 = both threads busy all along; less when the box is shared)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu0, wall0 = [], time.process_time(), time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu0) / (time.perf_counter() - wall0)
 
 
 def main() -> None:
@@ -73,9 +76,9 @@ def main() -> None:
         with torch.no_grad(), autocast:
             model(tokens[:, :-1], neighbors if retrieval else None)
 
-    train_s = timed(train_step, args.warmup, args.steps)
-    off_s = timed(lambda: forward(False), 1, args.steps)
-    on_s = timed(lambda: forward(True), 1, args.steps)
+    train_s, train_cpus = timed(train_step, args.warmup, args.steps)
+    off_s, _ = timed(lambda: forward(False), 1, args.steps)
+    on_s, _ = timed(lambda: forward(True), 1, args.steps)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()} {platform.processor() or platform.platform()}, {args.threads} threads",
@@ -85,6 +88,8 @@ def main() -> None:
         "load_s": round(load_s, 1),
         "train_step_s": round(train_s, 2),
         "train_tokens_per_s": round(B * T / train_s, 1),
+        "train_cpu_s_per_wall_s": round(train_cpus, 2),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "forward_tokens_per_s_retrieval_off": round(B * T / off_s, 1),
         "forward_tokens_per_s_retrieval_on": round(B * T / on_s, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),

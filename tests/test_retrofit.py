@@ -26,6 +26,11 @@ def tiny_gpt2() -> GPT2LMHeadModel:
                                       resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # tiny models: threads only contend on a busy box (conftest restores the count)
+
+
 @pytest.fixture(params=["llama", "gpt2"])
 def saved_lm(request, tmp_path):
     lm = {"llama": tiny_llama, "gpt2": tiny_gpt2}[request.param]()
@@ -99,6 +104,23 @@ def test_retrieval_off_is_the_frozen_lm_bit_for_bit(saved_lm):
     assert torch.equal(model(tokens), expected)
 
 
+def test_fused_loss_matches_the_logits(saved_lm):
+    model = retrofit(saved_lm)
+    train_steps(model)
+    tokens, neighbors = batch()
+    targets = tokens.roll(-1, dims=1)
+    targets[:, -1] = -100
+    for nb in (neighbors, None):
+        with torch.no_grad():
+            loss, nll = model.loss(tokens, targets, nb)
+            logits = model(tokens, nb)  # (B, T, V)
+        reference = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        torch.testing.assert_close(nll, reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loss, reference[:, :-1].mean(), rtol=1e-4, atol=1e-4)
+    model.loss(tokens, targets, neighbors)[0].backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("lm."))
+
+
 def test_retrieval_is_causal_per_chunk(saved_lm):
     model = retrofit(saved_lm)
     train_steps(model)
@@ -143,6 +165,17 @@ def test_checkpoints_leave_out_the_frozen_lm(saved_lm, tmp_path):
     other = retrofit(str(other_path))
     with pytest.raises(RuntimeError, match="lm_checksum"):
         other.load_state_dict(state)
+
+
+def test_generate_recomputes_with_retrieval(saved_lm):
+    from retro_lit.generate import generate
+
+    model = retrofit(saved_lm)
+    train_steps(model)
+    model.eval()
+    retrieve = lambda chunk: torch.randint(0, V, (chunk.shape[0], K, 2 * M))  # noqa: E731  (B, M) -> (B, K, R)
+    out = generate(model, batch()[0][:, :3], retrieve, max_new_tokens=2 * M, temperature=0.0)  # no KV cache
+    assert out.shape == (B, 3 + 2 * M)
 
 
 def test_config_errors(saved_lm):

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder
+from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder, linear_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class RetroFitConfig:
     """Encoder head width (default: the LM's)."""
     enc_d_ff: int | None = None
     """Encoder feed-forward width (default: 4 * E)."""
+    recompute_encoder: bool = True
+    """Recompute encoder activations in the backward (it sees K*R/M = 4x the LM's tokens at k=2): less memory."""
     share_embeddings: bool = True
     """Embed neighbours with the LM's own (frozen) input embeddings, projected to E; else a new trainable table."""
     norm_eps: float = 1e-5
@@ -181,13 +183,13 @@ class RetroFitModel(nn.Module):
     """A frozen causal LM with trainable CCA after `cca_layers` and a trainable neighbour encoder.
 
     Same interface as `RetroModel`: `forward(input_ids, neighbors=None, cache=None) -> logits`, `chunk_len`,
-    `run_encoder`, `param_groups`, `num_params`. `cache` is not supported (generation recomputes).
+    `loss`, `run_encoder`, `param_groups`, `num_params`. `cache` is not supported (generation recomputes).
     """
 
     def __init__(self, lm: nn.Module, chunk_len: int, cca_layers: tuple[int, ...] | None = None, *,
                  enc_n_layer: int = 2, enc_cross_layers: tuple[int, ...] = (0,), enc_d_model: int | None = None,
                  enc_n_head: int | None = None, enc_head_dim: int | None = None, enc_d_ff: int | None = None,
-                 share_embeddings: bool = True, norm_eps: float = 1e-5, init_std: float = 0.02,
+                 recompute_encoder: bool = True, share_embeddings: bool = True, norm_eps: float = 1e-5, init_std: float = 0.02,
                  rope_base: float = 10000.0):
         super().__init__()
         self.lm = lm.requires_grad_(False).eval()
@@ -207,7 +209,7 @@ class RetroFitModel(nn.Module):
         self.encoder = NearestNeighborEncoder(
             chunk_len, enc_n_layer, E, enc_d_ff or 4 * E, enc_n_head or n_head, enc_head_dim or head_dim,
             enc_cross_layers, d_input=lm_emb.embedding_dim if share_embeddings else E, d_cond=D,
-            norm_eps=norm_eps, rope_base=rope_base)
+            norm_eps=norm_eps, rope_base=rope_base, recompute=recompute_encoder)
         self.branches = nn.ModuleDict({
             str(i): RetrievalBranch(D, n_head, head_dim, chunk_len, E, norm_eps, rope_base) for i in self.cca_layers})
         for module in self.new_modules():
@@ -240,7 +242,7 @@ class RetroFitModel(nn.Module):
                              f"use the LM's own tokenizer (data.tokenizer)")
         return cls(lm, c.chunk_size, c.cca_layers, enc_n_layer=c.enc_n_layer, enc_cross_layers=c.enc_cross_layers,
                    enc_d_model=c.enc_d_model, enc_n_head=c.enc_n_head, enc_head_dim=c.enc_head_dim,
-                   enc_d_ff=c.enc_d_ff, share_embeddings=c.share_embeddings, norm_eps=c.norm_eps,
+                   enc_d_ff=c.enc_d_ff, recompute_encoder=c.recompute_encoder, share_embeddings=c.share_embeddings, norm_eps=c.norm_eps,
                    init_std=c.init_std, rope_base=c.rope_base)
 
     def new_modules(self) -> list[nn.Module]:
@@ -269,6 +271,18 @@ class RetroFitModel(nn.Module):
             return self.lm(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
         with self.retrieval_hooks(_Retrieval(neighbors[:, :n])):
             return self.lm(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+
+    def loss(self, input_ids: Tensor, targets: Tensor, neighbors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Mean next-token cross-entropy over targets != -100 and the per-token nll (B, T) without grad, from the
+        LM's final states and output head without materialising the (B, T, V) logits (as `RetroModel.loss`)."""
+        head = self.lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError(f"{type(self.lm).__name__} has an output bias; use the logits of forward()")
+        n = min(input_ids.shape[1] // self.chunk_len, neighbors.shape[1]) if neighbors is not None else 0
+        with self.retrieval_hooks(_Retrieval(neighbors[:, :n])) if n else contextlib.nullcontext():
+            h = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, D)
+        loss, nll = linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
+        return loss, nll.view_as(targets)
 
     @contextlib.contextmanager
     def retrieval_hooks(self, state: _Retrieval):
