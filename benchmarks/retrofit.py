@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from retro_lit.retrofit import RetroFitConfig, RetroFitModel
 
@@ -65,8 +64,7 @@ def main() -> None:
     def train_step():
         model.train()
         with autocast:
-            logits = model(tokens[:, :-1], neighbors)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss, _ = model.loss(tokens[:, :-1], tokens[:, 1:], neighbors)  # fused head + cross-entropy, as RetroLM
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
