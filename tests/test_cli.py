@@ -94,8 +94,9 @@ def test_links_vocab_and_chunk_size_from_data(tiny, tmp_path):
     assert cli.model.model.chunk_len == 16 and cli.model.model.token_emb.num_embeddings == 257
 
 
-def test_fast_dev_run_in_process(tiny, tmp_path):
-    assert main(["fit", *args_for(tiny, tmp_path, "--trainer.fast_dev_run=1")]) == 0
+@pytest.mark.parametrize("command", ["fit", "test", "predict"])
+def test_fast_dev_run_in_process(tiny, tmp_path, command):
+    assert main([command, *args_for(tiny, tmp_path, "--trainer.fast_dev_run=1")]) == 0
 
 
 def test_config_error_is_one_line(tiny, tmp_path, capsys):

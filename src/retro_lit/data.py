@@ -51,6 +51,7 @@ class RetroDataset(Dataset):
         self.chunk_len = ws.chunk_len
         self.chunks_per_seq = seq_len // ws.chunk_len  # L
         self.first, self.end = (int(i) for i in ws.split_range(split))
+        ws.neighbors(split, num_neighbors, seq_len)  # fail here, not in a loader worker, if they were not built
         self._opened = None  # (workspace, neighbor ids, pad id, token bytes), opened once per process
 
     def __len__(self) -> int:
