@@ -189,7 +189,8 @@ class RetroFitModel(nn.Module):
     def __init__(self, lm: nn.Module, chunk_len: int, cca_layers: tuple[int, ...] | None = None, *,
                  enc_n_layer: int = 2, enc_cross_layers: tuple[int, ...] = (0,), enc_d_model: int | None = None,
                  enc_n_head: int | None = None, enc_head_dim: int | None = None, enc_d_ff: int | None = None,
-                 recompute_encoder: bool = True, share_embeddings: bool = True, norm_eps: float = 1e-5, init_std: float = 0.02,
+                 recompute_encoder: bool = True, share_embeddings: bool = True, norm_eps: float = 1e-5,
+                 init_std: float = 0.02,
                  rope_base: float = 10000.0):
         super().__init__()
         self.lm = lm.requires_grad_(False).eval()
@@ -242,7 +243,8 @@ class RetroFitModel(nn.Module):
                              f"use the LM's own tokenizer (data.tokenizer)")
         return cls(lm, c.chunk_size, c.cca_layers, enc_n_layer=c.enc_n_layer, enc_cross_layers=c.enc_cross_layers,
                    enc_d_model=c.enc_d_model, enc_n_head=c.enc_n_head, enc_head_dim=c.enc_head_dim,
-                   enc_d_ff=c.enc_d_ff, recompute_encoder=c.recompute_encoder, share_embeddings=c.share_embeddings, norm_eps=c.norm_eps,
+                   enc_d_ff=c.enc_d_ff, recompute_encoder=c.recompute_encoder,
+                   share_embeddings=c.share_embeddings, norm_eps=c.norm_eps,
                    init_std=c.init_std, rope_base=c.rope_base)
 
     def new_modules(self) -> list[nn.Module]:
