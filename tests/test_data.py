@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from retro_lit.corpus import RetroDataError

@@ -116,3 +116,12 @@ def test_checkpoint_of_a_python_built_module_loads_weights_only(tmp_path):
     batch = next(iter(loader()))
     module.eval(), restored.eval()
     torch.testing.assert_close(restored(batch.input_ids, batch.neighbors), module(batch.input_ids, batch.neighbors))
+
+
+def test_fused_training_loss_equals_the_mean_eval_nats(monkeypatch):
+    module = RetroLM(tiny_config())
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
+    batch = next(iter(loader()))
+    loss = module.training_step(batch, 0)
+    nats = module.token_nats(batch, retrieval=True)
+    torch.testing.assert_close(loss, nats.sum() / (batch.targets != IGNORE_INDEX).sum(), rtol=1e-5, atol=1e-5)

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from retro_lit.data import RetroDataModule
 from retro_lit.corpus import RetroDataError
+from retro_lit.data import RetroDataModule
 from retro_lit.lit import NeighborTableCallback, RetroLM
 
 # name -> (module, function(argv) -> exit code, one-line help); imported only when run

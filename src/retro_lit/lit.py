@@ -134,8 +134,8 @@ class RetroLM(L.LightningModule):
         return nats.view_as(batch.targets)  # (B, T)
 
     def training_step(self, batch: RetroSample, batch_idx: int) -> torch.Tensor:
-        nats = self.token_nats(batch, self.hparams.retrieval)
-        loss = nats.sum() / (batch.targets != IGNORE_INDEX).sum().clamp(min=1)
+        neighbors = batch.neighbors if self.hparams.retrieval else None
+        loss, _ = self.model.loss(batch.input_ids, batch.targets, neighbors)  # fused head + CE, no (B, T, V) logits
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
