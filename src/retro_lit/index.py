@@ -77,8 +77,7 @@ def build_index(
     name = auto_factory(n) if factory == "auto" else factory
     rng = np.random.default_rng(seed)
     index = faiss.index_factory(dim, name)
-    ivf = _ivf(index)
-    sample = np.sort(rng.choice(n, size=min(n, max(50_000, 64 * (ivf.nlist if ivf else 1))), replace=False))
+    sample = _train_sample(rng, n, index)
     index = _to_gpu(index)
     if not index.is_trained:
         index.train(ws.embeddings_at(sample))
@@ -87,46 +86,176 @@ def build_index(
         index.add(ws.embeddings(start, min(start + block, n)))  # (b, E)
     index = _to_cpu(index)
     ivf = _ivf(index)
-
-    queries = np.sort(rng.choice(len(ws.chunks), size=min(len(ws.chunks), RECALL_QUERIES), replace=False))
-    xq = ws.embeddings_at(queries)  # (Q, E)
-    kth = _exact_kth_distance(ws, xq, queries, k)  # (Q,)
-    halves = (
-        [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
-    )
-    if ivf is not None:
-        for nprobe in (2**i for i in range(int(math.log2(ivf.nlist)) + 1)):
-            ivf.nprobe = nprobe
-            if _recall(ws, index, xq[halves[0]], queries[halves[0]], kth[halves[0]], k) >= target_recall:
-                break
-    recall = _recall(ws, index, xq[halves[1]], queries[halves[1]], kth[halves[1]], k)
+    nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
     path = ws.root / "index.faiss"
     faiss.write_index(index, str(path.with_name(path.name + ".tmp")))
     os.replace(path.with_name(path.name + ".tmp"), path)
     info = {
         "factory": name,
         "n": int(n),
-        "nprobe": ivf.nprobe if ivf else None,
+        "nprobe": nprobe,
         "k": k,
         "recall": round(float(recall), 4),
         "train_sample": int(len(sample)),
     }
     log.info(
-        "index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)",
-        name,
-        n,
-        k,
-        recall,
-        info["nprobe"],
+        "index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)", name, n, k, recall, nprobe
     )
     return path, info
 
 
-def load_index(path: str | Path, nprobe: int | None = None) -> faiss.Index:
-    index = faiss.read_index(str(path))
+def _train_sample(rng: np.random.Generator, n: int, index: faiss.Index) -> np.ndarray:
+    """Sorted seeded sample of train chunk ids to train the index on (>= 64 per IVF list)."""
+    ivf = _ivf(index)
+    return np.sort(rng.choice(n, size=min(n, max(50_000, 64 * (ivf.nlist if ivf else 1))), replace=False))
+
+
+def _tune_and_measure(
+    ws: "Workspace",
+    index: faiss.Index,
+    nlist: int | None,
+    rng: np.random.Generator,
+    k: int,
+    target_recall: float,
+) -> tuple[int | None, float]:
+    """Smallest power-of-two nprobe reaching `target_recall` on half a query sample; recall on the other half."""
+    queries = np.sort(rng.choice(len(ws.chunks), size=min(len(ws.chunks), RECALL_QUERIES), replace=False))
+    xq = ws.embeddings_at(queries)  # (Q, E)
+    kth = _exact_kth_distance(ws, xq, queries, k)  # (Q,)
+    halves = (
+        [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
+    )
+    nprobe = None
+    if nlist is not None:
+        for nprobe in (2**i for i in range(int(math.log2(nlist)) + 1)):
+            set_nprobe(index, nprobe)
+            if _recall(ws, index, xq[halves[0]], queries[halves[0]], kth[halves[0]], k) >= target_recall:
+                break
+    return nprobe, _recall(ws, index, xq[halves[1]], queries[halves[1]], kth[halves[1]], k)
+
+
+# --------------------------------------------------------------------------------------- sharded index
+# One quantizer trained once (on the same sample as `build_index`), then S shards over contiguous,
+# block-aligned train chunk ranges, each filled independently (by any rank) and written as its own file.
+# At search time the shards are a faiss `IndexShards` with successive ids, whose merged results are the
+# unsharded index's results: every shard holds the same trained quantizer, so an IVF search with nprobe
+# visits the same lists, and a Flat search is exact either way.
+
+SHARD_DIR = "index_shards"
+
+
+def shard_files(root: str | Path, shards: int) -> list[Path]:
+    return [Path(root) / SHARD_DIR / f"shard_{s:05d}_of_{shards:05d}.faiss" for s in range(shards)]
+
+
+def shard_range(ws: "Workspace", shard: int, shards: int) -> tuple[int, int]:
+    """[start, end) train chunks of one shard: a contiguous run of whole embedding blocks."""
+    n, block = ws.split_range("train")[1], int(ws.manifest["settings"]["block_size"])
+    n_blocks = math.ceil(n / block)
+    return min(shard * n_blocks // shards * block, n), min((shard + 1) * n_blocks // shards * block, n)
+
+
+def num_index_shards(ws: "Workspace", shards: int) -> int:
+    """Shards actually used: at most one per train embedding block."""
+    n, block = ws.split_range("train")[1], int(ws.manifest["settings"]["block_size"])
+    return max(1, min(shards, math.ceil(n / block)))
+
+
+def train_index_shards(ws: "Workspace", factory: str = "auto", *, shards: int, seed: int = 0) -> Path:
+    """Train the (empty) index once on a seeded sample; written as `index_shards/trained.faiss` (skipped
+    when it exists). The sample is the one `build_index` draws, so the quantizer is the same."""
+    path = Path(ws.root) / SHARD_DIR / "trained.faiss"
+    if path.exists():
+        return path
+    n = ws.split_range("train")[1]
+    name = auto_factory(n) if factory == "auto" else factory
+    index = faiss.index_factory(ws.embedding_dim, name)
+    sample = _train_sample(np.random.default_rng(seed), n, index)
+    index = _to_gpu(index)
+    if not index.is_trained:
+        index.train(ws.embeddings_at(sample))
+    path.parent.mkdir(exist_ok=True)
+    faiss.write_index(_to_cpu(index), str(path.with_name(path.name + ".tmp")))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    return path
+
+
+def fill_index_shard(ws: "Workspace", shard: int, shards: int, *, device: int | None = None) -> Path:
+    """Add the keys of one shard's chunk range to a copy of the trained index; skipped when on disk."""
+    path = shard_files(ws.root, shards)[shard]
+    if path.exists():
+        return path
+    index = _to_gpu(faiss.read_index(str(Path(ws.root) / SHARD_DIR / "trained.faiss")), device)
+    start, end = shard_range(ws, shard, shards)
+    block = int(ws.manifest["settings"]["block_size"])
+    for a in range(start, end, block):
+        index.add(ws.embeddings(a, min(a + block, end)))  # (b, E)
+    faiss.write_index(_to_cpu(index), str(path.with_name(path.name + ".tmp")))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+    return path
+
+
+def finish_index_shards(
+    ws: "Workspace",
+    factory: str = "auto",
+    *,
+    shards: int,
+    k: int = 2,
+    seed: int = 0,
+    target_recall: float = 0.95,
+) -> dict:
+    """Tune nprobe and measure recall@k on the shards searched together; returns the stage info."""
+    n = ws.split_range("train")[1]
+    name = auto_factory(n) if factory == "auto" else factory
+    rng = np.random.default_rng(seed)
+    trained = faiss.read_index(str(Path(ws.root) / SHARD_DIR / "trained.faiss"))
+    sample = _train_sample(rng, n, trained)  # advances rng exactly as build_index does
+    ivf = _ivf(trained)
+    files = shard_files(ws.root, shards)
+    index = load_index(files)
+    nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
+    log.info("index %s in %d shards: recall@%d vs exact = %.4f (nprobe %s)", name, shards, k, recall, nprobe)
+    return {
+        "factory": name,
+        "n": int(n),
+        "nprobe": nprobe,
+        "k": k,
+        "recall": round(float(recall), 4),
+        "train_sample": int(len(sample)),
+        "shards": shards,
+        "files": [str(p.relative_to(ws.root)) for p in files],
+    }
+
+
+def index_files(root: str | Path, info: dict) -> list[Path]:
+    """The file(s) of a workspace's index stage: `index.faiss`, or its shards."""
+    if info.get("shards", 1) > 1:
+        return [Path(root) / f for f in info["files"]]
+    return [Path(root) / "index.faiss"]
+
+
+def load_index(
+    path: "str | Path | Sequence[str | Path]", nprobe: int | None = None, device: int | None = None
+) -> faiss.Index:
+    """Read an index file (or a list of shard files -> `IndexShards`), set nprobe, move it to the GPU(s)
+    when faiss GPU is present (`device`: the GPU of a single-file index, default 0)."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if len(paths) == 1:
+        index = faiss.read_index(str(paths[0]))
+    else:
+        parts = [faiss.read_index(str(p)) for p in paths]
+        index = faiss.IndexShards(parts[0].d, True, True)  # threaded, successive ids = global chunk ids
+        for part in parts:
+            index.add_shard(part)
     if nprobe is not None:
-        _ivf(index).nprobe = nprobe
-    return _to_gpu(index)
+        set_nprobe(index, nprobe)
+    return _to_gpu(index, device)
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """nprobe of an IVF index, wrapped (OPQ, IDMap) or sharded (`IndexShards`), CPU or GPU."""
+    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
+    space.set_index_parameter(index, "nprobe", nprobe)
 
 
 def search_excluding(
@@ -218,7 +347,7 @@ class RetroIndex:
             info = ws.manifest["stages"].get("index", {})
             if not info.get("done"):
                 raise RetroDataError(f"workspace {self.workspace} has no index yet: run build-db first")
-            self._index = load_index(ws.root / "index.faiss", info.get("nprobe"))
+            self._index = load_index(index_files(ws.root, info), info.get("nprobe"))
             self.bert = self.bert or BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], self.device)
             self._ws = ws
         return self._ws, self._index
@@ -257,10 +386,37 @@ def _recall(
     return float(np.mean(d <= kth[:, None] * (1 + 1e-3) + 1e-6))
 
 
-def _to_gpu(index: faiss.Index) -> faiss.Index:
-    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0:
-        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    return index
+def _gpu_count() -> int:
+    if hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available():
+        return faiss.get_num_gpus()
+    return 0
+
+
+def _to_gpu(index: faiss.Index, device: int | None = None) -> faiss.Index:
+    """faiss GPU when present, else `index` unchanged (CPU fallback). An `IndexShards` puts shard s on GPU
+    (device + s) % n_gpus; one index goes to GPU `device` (default 0)."""
+    n_gpus = _gpu_count()
+    if n_gpus == 0:
+        return index
+    if isinstance(index, faiss.IndexShards):
+        out = faiss.IndexShards(index.d, True, True)
+        for s in range(index.count()):
+            sub = faiss.downcast_index(index.at(s))
+            out.add_shard(
+                faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), ((device or 0) + s) % n_gpus, sub)
+            )
+        return out
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), (device or 0) % n_gpus, index)
+
+
+def to_all_gpus(index: faiss.Index, shard: bool = True) -> faiss.Index:
+    """One index over every GPU: split across them (`shard=True`, for a database larger than one GPU) or
+    replicated (faster search when it fits); the CPU index is returned when faiss has no GPU."""
+    if _gpu_count() == 0:
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = shard
+    return faiss.index_cpu_to_all_gpus(index, co=options)
 
 
 def _to_cpu(index: faiss.Index) -> faiss.Index:

@@ -7,11 +7,17 @@ excluded chunks of a window are one range [lo, hi): from the first chunk of the 
 to the last chunk of its last document. The last partial window of a split is treated as a window too.
 
 Output: `neighbors/k{K}_t{T}/<split>.npy`, (n_chunks_of_split, K) int64 global chunk ids, -1 = none.
+
+Queries run in *parts* of `block_size` chunks of a split (searched in batches of at most QUERY_BATCH), in
+one process (`compute_neighbors`) or spread over ranks (`compute_neighbor_parts` writes one file per part
+under `parts/`, skipped when on disk; `merge_neighbor_parts` assembles the split files). The batches are
+the same either way, so a distributed build writes the same bytes as a single-process one.
 """
 
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from retro_lit.corpus import SPLITS
-from retro_lit.index import load_index, search_excluding
+from retro_lit.index import index_files, load_index, search_excluding
 
 if TYPE_CHECKING:
     from retro_lit.database import Workspace
@@ -33,11 +39,14 @@ def neighbors_path(root: str | Path, split: str, k: int, seq_len: int) -> Path:
     return Path(root) / "neighbors" / f"k{k}_t{seq_len}" / f"{split}.npy"
 
 
-def excluded_ranges(ws: "Workspace", split: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[lo, hi) chunk range excluded for each chunk of `split`: all chunks of its window's documents."""
+def excluded_ranges(
+    ws: "Workspace", split: str, seq_len: int, start: int = 0, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) chunk range excluded for each chunk of `split` (or of its rows [start, stop)): all chunks
+    of its window's documents."""
     first, end = ws.split_range(split)
     n_window = seq_len // ws.chunk_len  # L
-    chunks = np.arange(first, end)
+    chunks = np.arange(first + start, end if stop is None else first + stop)
     window_start = first + (chunks - first) // n_window * n_window
     window_last = np.minimum(window_start + n_window, end) - 1
     lo = ws.doc_offsets[ws.chunk_doc[window_start]]
@@ -45,28 +54,55 @@ def excluded_ranges(ws: "Workspace", split: str, seq_len: int) -> tuple[np.ndarr
     return np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
 
 
+def neighbor_parts(ws: "Workspace") -> list[tuple[str, int, int]]:
+    """Every query part (split, a, b): rows [a, b) of the split, `block_size` rows each, splits in order."""
+    size = int(ws.manifest["settings"]["block_size"])
+    parts = []
+    for split in SPLITS:
+        first, end = ws.split_range(split)
+        parts += [(split, a, min(a + size, end - first)) for a in range(0, end - first, size)]
+    return parts
+
+
+def part_path(root: str | Path, split: str, a: int, k: int, seq_len: int) -> Path:
+    return neighbors_path(root, split, k, seq_len).parent / "parts" / f"{split}_{a:012d}.npy"
+
+
+def _search_part(ws: "Workspace", index, split: str, a: int, b: int, k: int, seq_len: int) -> np.ndarray:
+    """Neighbours of rows [a, b) of a split -> (b - a, K) int64, in batches of at most QUERY_BATCH."""
+    first = ws.split_range(split)[0]
+    lo, hi = excluded_ranges(ws, split, seq_len, a, b)  # (b - a,) each
+    out = np.empty((b - a, k), dtype=np.int64)  # (b - a, K)
+    for c in range(a, b, QUERY_BATCH):
+        d = min(c + QUERY_BATCH, b)
+        xq = ws.embeddings(first + c, first + d)  # (q, E)
+        lo_b, hi_b = lo[c - a : d - a], hi[c - a : d - a]
+        out[c - a : d - a], _ = search_excluding(
+            index, xq, k, lambda rows, i: (i >= lo_b[rows, None]) & (i < hi_b[rows, None])
+        )
+    return out
+
+
+def _load_workspace_index(ws: "Workspace", nprobe: int | None, device: int | None = None):
+    return load_index(index_files(ws.root, ws.manifest["stages"].get("index", {})), nprobe, device)
+
+
 def compute_neighbors(
     ws: "Workspace", k: int, seq_len: int, *, nprobe: int | None = None, quiet: bool = True
 ) -> tuple[list[Path], dict]:
     """Write the neighbours of every split; returns (paths, info with queries_per_s)."""
-    index = load_index(ws.root / "index.faiss", nprobe)
+    index = _load_workspace_index(ws, nprobe)
     paths, n_queries, start = [], 0, time.perf_counter()
+    parts = neighbor_parts(ws)
     for split in SPLITS:
         first, end = ws.split_range(split)
         path = neighbors_path(ws.root, split, k, seq_len)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
-        lo, hi = excluded_ranges(ws, split, seq_len)
-        for a in tqdm(
-            range(0, end - first, QUERY_BATCH), desc=f"neighbors {split}", unit="batch", disable=quiet
-        ):
-            b = min(a + QUERY_BATCH, end - first)
-            xq = ws.embeddings(first + a, first + b)  # (q, E)
-            lo_b, hi_b = lo[a:b], hi[a:b]
-            out[a:b], _ = search_excluding(
-                index, xq, k, lambda rows, i: (i >= lo_b[rows, None]) & (i < hi_b[rows, None])
-            )
+        mine = [(a, b) for s, a, b in parts if s == split]
+        for a, b in tqdm(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
+            out[a:b] = _search_part(ws, index, split, a, b, k, seq_len)
         out.flush()
         del out
         os.replace(tmp, path)
@@ -80,3 +116,51 @@ def compute_neighbors(
         "files": [str(p.relative_to(ws.root)) for p in paths],
         "queries_per_s": round(rate, 1),
     }
+
+
+def compute_neighbor_parts(
+    ws: "Workspace",
+    k: int,
+    seq_len: int,
+    parts: list[tuple[str, int, int]],
+    *,
+    nprobe: int | None = None,
+    device: int | None = None,
+    on_part: Callable[[Path], None] | None = None,
+) -> list[Path]:
+    """One rank's share of stage 4: write `parts/<split>_<a>.npy` for each part not on disk yet."""
+    todo = [(s, a, b) for s, a, b in parts if not part_path(ws.root, s, a, k, seq_len).exists()]
+    if not todo:
+        return []
+    index = _load_workspace_index(ws, nprobe, device)
+    written = []
+    for split, a, b in todo:
+        path = part_path(ws.root, split, a, k, seq_len)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".tmp"), "wb") as f:
+            np.save(f, _search_part(ws, index, split, a, b, k, seq_len))
+        os.replace(path.with_name(path.name + ".tmp"), path)
+        written.append(path)
+        if on_part is not None:
+            on_part(path)
+    return written
+
+
+def merge_neighbor_parts(ws: "Workspace", k: int, seq_len: int) -> list[Path]:
+    """Assemble each split's file from its parts (tmp + os.replace); the caller removes `parts/` after it
+    has marked the stage done. Raises FileNotFoundError naming a missing part."""
+    parts = neighbor_parts(ws)
+    paths = []
+    for split in SPLITS:
+        first, end = ws.split_range(split)
+        path = neighbors_path(ws.root, split, k, seq_len)
+        tmp = path.with_name(path.name + ".tmp")
+        out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
+        for s, a, b in parts:
+            if s == split:
+                out[a:b] = np.load(part_path(ws.root, split, a, k, seq_len))
+        out.flush()
+        del out
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
