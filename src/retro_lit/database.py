@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
@@ -165,6 +166,14 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
     return path
 
 
+def mark_stage(root: str | Path, name: str, info: dict) -> Path:
+    """Record stage `name` as done with `info` (its files must already be on disk); for builds that run a
+    stage outside `build_workspace`, such as the distributed one (rank 0 only)."""
+    manifest = read_manifest(root)
+    manifest["stages"][name] = {**info, "done": True}
+    return write_manifest(root, manifest)
+
+
 def block_path(root: str | Path, block: int) -> Path:
     return Path(root) / "embeddings" / f"block_{block:05d}.npy"
 
@@ -290,8 +299,11 @@ def embed_chunks(
     blocks: range | None = None,
     *,
     quiet: bool = True,
+    on_block: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """Stage 2: write the keys of every chunk block in `blocks` (default all) that is not on disk yet.
+
+    `on_block(path)` is called after each block file is in place (progress reports, fault injection).
 
     Block b holds chunks [b * block_size, (b + 1) * block_size); the next block's text is decoded and
     BERT-tokenized in a background thread while the current block runs through BERT.
@@ -326,6 +338,8 @@ def embed_chunks(
             os.replace(path.with_name(path.name + ".tmp"), path)
             written.append(path)
             bar.update(len(keys))
+            if on_block is not None:
+                on_block(path)
     return written
 
 
@@ -537,6 +551,38 @@ def build_db_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of the documents")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document split and index sampling")
     parser.add_argument("--batch_size", type=int, default=128, help="embedder batch size")
+    parser.add_argument(
+        "--block_size", type=int, default=16384, help="chunks per embedding block / query part"
+    )
+    parser.add_argument(
+        "--index_shards",
+        type=int,
+        default=1,
+        help="write the index as N shards (faiss IndexShards at search)",
+    )
+    placement = parser.add_argument_group("placement (Lightning-style; see docs/scaling.md)")
+    placement.add_argument(
+        "--trainer.accelerator",
+        dest="accelerator",
+        default=None,
+        help="cpu, gpu or auto (default: from --device)",
+    )
+    placement.add_argument(
+        "--trainer.devices", dest="devices", default="1", help="processes per node (one per GPU), or auto"
+    )
+    placement.add_argument(
+        "--trainer.num_nodes",
+        dest="num_nodes",
+        type=int,
+        default=1,
+        help="nodes (MASTER_ADDR, NODE_RANK set)",
+    )
+    placement.add_argument(
+        "--trainer.strategy",
+        dest="strategy",
+        default="auto",
+        help="auto, ddp, ddp_spawn, fsdp, ...: all DDP-style",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
@@ -547,20 +593,26 @@ def build_db_main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --split must be three comma-separated fractions, got {args.split!r}", file=sys.stderr)
         return 2
+    from retro_lit.distributed import Placement, build_workspace_distributed
+
+    accelerator = args.accelerator or ("gpu" if args.device.startswith("cuda") else args.device)
+    placement = Placement(accelerator, args.devices, args.num_nodes, args.strategy)
     try:
-        build_workspace(
+        build_workspace_distributed(
             args.workspace,
             args.corpus,
+            placement=placement,
+            index_shards=args.index_shards,
             tokenizer=args.tokenizer,
             chunk_len=args.chunk_len,
             embedder=args.embedder,
-            device=args.device,
             index=args.index,
             num_neighbors=args.num_neighbors,
             seq_len=args.seq_len,
             split=split,
             seed=args.seed,
             batch_size=args.batch_size,
+            block_size=args.block_size,
             quiet=args.quiet,
         )
     except (RetroDataError, FileNotFoundError) as e:
