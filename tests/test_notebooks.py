@@ -2,11 +2,10 @@
 
 Each notebook takes its sizes from one cell tagged `parameters`; the test inserts a cell right after it (as
 papermill does) with a synthetic corpus, a random 1-layer BERT saved to a folder, and a few training steps.
-The kernel is `python3` run by this interpreter (its folder goes first on PATH), so a fresh `make test` venv
-works without registering a kernel.
+The kernel is a kernelspec written to tmp_path that runs this interpreter, so a fresh `make test` venv works
+without registering a kernel.
 """
 import json
-import os
 import random
 import sys
 import time
@@ -72,6 +71,17 @@ def inject_parameters(nb, values: dict) -> None:
     nb.cells.insert(index + 1, cell)
 
 
+def kernel_spec_dir(root: Path) -> Path:
+    """A Jupyter data folder with one kernel, `retro-lit-test`, run by this interpreter (the venv's), so that no
+    user-level `python3` kernel pointing at another Python is picked up."""
+    spec = root / "jupyter" / "kernels" / "retro-lit-test"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "retro_lit tests", "language": "python"}))
+    return root / "jupyter"
+
+
 def committed_without_outputs(nb) -> bool:
     return all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
@@ -83,13 +93,13 @@ def test_notebook_runs_headless(name, tiny_inputs, tmp_path, monkeypatch):
     assert sum("parameters" in c.metadata.get("tags", []) for c in nb.cells) == 1
     plots = tmp_path / "plots"
     inject_parameters(nb, {**tiny_inputs, **TINY[name], "plots_dir": str(plots)})
-    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_spec_dir(tmp_path)))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     start = time.perf_counter()
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=False,
+    client = NotebookClient(nb, timeout=300, kernel_name="retro-lit-test", allow_errors=False,
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
     print(f"{name}: {time.perf_counter() - start:.1f} s")
