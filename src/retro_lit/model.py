@@ -207,7 +207,7 @@ class NearestNeighborEncoder(nn.Module):
     def __init__(self, chunk_len: int, n_layers: int, d_model: int, d_ff: int, n_heads: int, d_k: int,
                  ca_layers: set[int] | tuple[int, ...] = (0,), *, d_input: int | None = None,
                  d_cond: int | None = None, dropout: float = 0.0, norm_eps: float = 1e-5,
-                 rope_base: float = 10000.0, recompute: bool = False):
+                 rope_base: float = 10000.0, recompute: bool = True):
         super().__init__()
         self.recompute, self.n_layers, self.d_ff, self.n_heads = recompute, n_layers, d_ff, n_heads
         self.ca_layers, self.dropout, self.norm_eps = tuple(sorted(ca_layers)), dropout, norm_eps

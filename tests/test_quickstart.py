@@ -1,0 +1,87 @@
+"""The original quick-start API: the example script end to end, and clean refusals of bad input."""
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retro_lit import build_database, build_dataset
+from retro_lit.corpus import RetroDataError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("king queen crown sword castle night storm river ship letter garden poison honour father daughter "
+         "servant battle army field winter summer wine gold silver ghost dream forest tower bell").split()
+
+
+def write_corpus(path: Path, n_docs: int = 10, words_per_doc: int = 700) -> Path:
+    rng = random.Random(0)
+    docs = []
+    for d in range(n_docs):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(words_per_doc // 8)]
+        docs.append(f"Document {d}.\n" + " ".join(sentences))
+    path.write_text("\n\n\n".join(docs), encoding="utf-8")
+    return path
+
+
+def test_quickstart_example_trains_and_checkpoints(tmp_path):
+    text = write_corpus(tmp_path / "text.txt")
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), str(text), "6"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = tmp_path / "workspace" / "runs" / "lightning_logs"
+    assert list(runs.glob("version_*/checkpoints/*.ckpt")), "no checkpoint written"
+    with open(next(runs.glob("version_*/metrics.csv"))) as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qs")
+    text = write_corpus(root / "text.txt", n_docs=6, words_per_doc=300)
+    build_database(root / "ws", text, bert=tiny_bert(), chunk_len=16)
+    return root, text
+
+
+def tiny_bert():
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64))
+    return BERTForChunkEmbeddings("tiny-random-bert", "cpu", model=model, tokenizer=tokenizer)
+
+
+def snapshot(ws: Path) -> dict:
+    return {p.relative_to(ws): p.read_bytes() for p in sorted(ws.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "chunk_len", "other_chunk_len"])
+def test_bad_input_is_refused_and_leaves_the_workspace_intact(built, case, tmp_path):
+    root, text = built
+    before = snapshot(root / "ws")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    calls = {
+        "missing": lambda: build_database(root / "ws", tmp_path / "nope.txt", bert=tiny_bert(), chunk_len=16),
+        "empty": lambda: build_database(root / "ws", empty, bert=tiny_bert(), chunk_len=16),
+        "chunk_len": lambda: build_database(root / "ws", text, bert=tiny_bert(), chunk_len=0),
+        "other_chunk_len": lambda: build_dataset(root / "ws", text, chunk_len=8),
+    }
+    with pytest.raises((RetroDataError, FileNotFoundError)) as err:
+        calls[case]()
+    assert "\n" not in str(err.value)
+    assert snapshot(root / "ws") == before
+
+
+def test_build_dataset_returns_the_vocabulary_size(built):
+    root, text = built
+    from retro_lit import RetroIndex
+
+    assert build_dataset(root / "ws", text, chunk_len=16, chunks_per_sample=4,
+                         index=RetroIndex(root / "ws", 16, bert=tiny_bert())) == 8192
