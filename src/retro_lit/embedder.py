@@ -110,9 +110,12 @@ class BERTForChunkEmbeddings:
 
 def _load_pretrained(name: str):
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     local = Path(name).expanduser()
     source = str(local) if local.exists() else name
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per embedder load is noise (and ignores --quiet)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModel.from_pretrained(source, local_files_only=True)
@@ -121,4 +124,7 @@ def _load_pretrained(name: str):
             f"embedder {name!r} is not available offline: pass a local model folder "
             "(config.json + weights + tokenizer), e.g. --embedder /path/to/all-MiniLM-L6-v2"
         ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def new_cache_or_none(model: nn.Module, batch_size: int, max_len: int):
 @torch.inference_mode()
 def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = None, max_new_tokens: int = 64,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             use_cache: bool = True, on_retrieval: OnRetrieval | None = None) -> Tensor:
+             use_cache: bool = True, on_retrieval: OnRetrieval | None = None, progress: bool = False) -> Tensor:
     """Sample `max_new_tokens` after `prompt_ids` (T0,) or (B, T0) -> tokens (B, T0 + max_new_tokens).
 
     retrieve: chunk (B, M) -> neighbours (B, K, R) (-1 = no token), called once per completed chunk, live;
@@ -98,7 +99,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = N
     temperature <= 0 is greedy; top_k / top_p restrict sampling; seed makes sampling reproducible.
     use_cache: KV cache for self-attention and cached encoded neighbours; a model whose `new_cache` or cached
         forward raises NotImplementedError (e.g. RETRO-fit) falls back to recomputing the prefix.
-    on_retrieval(u, chunk, neighbours) is called after each lookup.
+    on_retrieval(u, chunk, neighbours) is called after each lookup. progress: a tqdm bar with ETA.
     """
     device = next(model.parameters()).device
     tokens = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).to(device=device, dtype=torch.long)  # (B, T0)
@@ -109,7 +110,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = N
     neighbors = ChunkNeighbors(retrieve, model.chunk_len, on_retrieval)
     cache = new_cache_or_none(model, B, T0 + max_new_tokens) if use_cache else None
     new = tokens  # the tokens the model has not seen yet: the prompt, then one token at a time
-    for _ in range(max_new_tokens):
+    for _ in tqdm(range(max_new_tokens), desc="generate", unit="tok", disable=not progress, leave=False):
         completed = neighbors.update(tokens)  # (B, n, K, R) for chunks completed by `new`, or None
         logits = None
         if cache is not None:
@@ -217,6 +218,7 @@ def generate_parser() -> CommandParser:
     p.add_argument("--neighbors", type=int, default=None, help="neighbours per chunk (default: the training K, else 2)")
     p.add_argument("--show_retrieval", action="store_true", help="print every lookup: query chunk, neighbours, distances, documents")
     p.add_argument("--no_retrieval", action="store_true", help="generate with retrieval OFF")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix at every token (slow; for checks)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
@@ -259,6 +261,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                 print(format_retrieval(u, chunk, retriever.last, ws.tokenizer, ws.chunk_len), flush=True)
     with precision_context(args.precision, device):
         tokens = generate(model, prompt_ids, retriever, args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, args.seed, use_cache=not args.no_cache, on_retrieval=on_retrieval)
+                          args.top_p, args.seed, use_cache=not args.no_cache, on_retrieval=on_retrieval,
+                          progress=not args.quiet and not args.show_retrieval and sys.stderr.isatty())
     print(ws.tokenizer.decode(tokens[0].tolist()))
     return 0
