@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from retro_lit.demo import demo_main
-from test_quickstart import write_corpus
+from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 

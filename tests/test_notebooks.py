@@ -6,7 +6,6 @@ The kernel is a kernelspec written to tmp_path that runs this interpreter, so a 
 without registering a kernel.
 """
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -14,24 +13,11 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-WORDS = ("king queen crown sword castle night storm river ship letter garden poison honour father daughter "
-         "servant battle army field winter summer wine gold silver ghost dream forest tower bell").split()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_corpus(path: Path, n_docs: int = 10, words_per_doc: int = 260) -> Path:
-    """Synthetic documents of random sentences, separated by blank-line runs (one document each)."""
-    rng = random.Random(0)
-    docs = []
-    for d in range(n_docs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(words_per_doc // 8)]
-        docs.append(f"Document {d}.\n" + " ".join(sentences))
-    path.write_text("\n\n\n".join(docs), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +33,7 @@ def tiny_inputs(tmp_path_factory) -> dict:
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
     bert.save_pretrained(root / "tiny-bert")
     tokenizer.save_pretrained(root / "tiny-bert")
-    return {"corpus": str(write_corpus(root / "corpus.txt")), "embedder": str(root / "tiny-bert")}
+    return {"corpus": str(write_corpus(root / "corpus.txt", words_per_doc=260)), "embedder": str(root / "tiny-bert")}
 
 
 TINY = {

@@ -1,6 +1,5 @@
 """The original quick-start API: the example script end to end, and clean refusals of bad input."""
 import csv
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -9,21 +8,9 @@ import pytest
 
 from retro_lit import build_database, build_dataset
 from retro_lit.corpus import RetroDataError
+from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("king queen crown sword castle night storm river ship letter garden poison honour father daughter "
-         "servant battle army field winter summer wine gold silver ghost dream forest tower bell").split()
-
-
-def write_corpus(path: Path, n_docs: int = 10, words_per_doc: int = 700) -> Path:
-    rng = random.Random(0)
-    docs = []
-    for d in range(n_docs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                     for _ in range(words_per_doc // 8)]
-        docs.append(f"Document {d}.\n" + " ".join(sentences))
-    path.write_text("\n\n\n".join(docs), encoding="utf-8")
-    return path
 
 
 def test_quickstart_example_trains_and_checkpoints(tmp_path):
