@@ -22,9 +22,9 @@ def wandb_logger(project: str, save_dir: str | Path, name: str | None = None, **
     as `retro-lit`: `WANDB_MODE` wins when set, e.g. `disabled` in tests). `options` go to `WandbLogger`."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from retro_lit.cli import _default_wandb_mode
+    from retro_lit.cli import default_wandb_mode
 
-    _default_wandb_mode()
+    default_wandb_mode()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project, save_dir=str(save_dir), name=name, **options)
 
