@@ -166,3 +166,15 @@ def test_a_bad_setting_is_one_clear_error_before_any_process_starts(tmp_path):
         build_workspace_distributed(
             tmp_path / "ws", corpus, placement=TWO_CPUS, embedder=tiny_bert(), **BUILD | {"seq_len": 12}
         )
+
+
+@pytest.mark.gpu
+def test_gpu_build_matches_the_cpu_neighbors(tmp_path, reference):
+    """faiss on the GPU (when this faiss has GPU support) and BERT on cuda:0 find the same neighbours."""
+    root, corpus = reference
+    gpu = build_workspace_distributed(
+        tmp_path / "ws", corpus, placement=Placement("gpu", 1), embedder=tiny_bert(), index_shards=2, **BUILD
+    )
+    for split in ("train", "val", "test"):
+        same = open_workspace(gpu).neighbors(split, K, T) == open_workspace(root).neighbors(split, K, T)
+        assert same.mean() > 0.95  # GPU bf16 keys differ slightly from CPU bf16 keys

@@ -43,8 +43,10 @@ from retro_lit.corpus import RetroDataError
 from retro_lit.database import (
     STAGES,
     block_path,
+    build_summary,
     build_workspace,
     embed_chunks,
+    format_summary,
     mark_stage,
     open_workspace,
     read_manifest,
@@ -156,6 +158,9 @@ def build_workspace_distributed(
         message = None if errors.empty() else errors.get()
     if message is not None:  # a bad setting or corpus, found on some rank: one clear error, like 1 process
         raise RetroDataError(message)
+    if node_rank == 0 and build_kwargs.get("until", "neighbors") == "neighbors":
+        k, seq_len = build_kwargs.get("num_neighbors", 2), build_kwargs.get("seq_len", 2048)
+        log.info("%s", format_summary(build_summary(workspace, k, seq_len)))
     return Path(workspace)
 
 
