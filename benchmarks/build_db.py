@@ -2,17 +2,23 @@
 
     apt-get install -y linux-doc-6.1
     python benchmarks/build_db.py            # ~4M- and ~1M-token builds, each in its own process
+    python benchmarks/build_db.py --processes 2   # 1-process vs 2-process build of one ~100k-token subset
 
 Reports, and writes under `## build_db` in benchmarks/README.md:
 - end-to-end build chunks/s / raw embedder forward chunks/s (same process, same chunks' distribution);
 - peak RSS of the 4M-token build / the 1M-token build, measured before the index stage;
 - the auto index's recall@2 vs exact search and the neighbour queries/s.
+
+With `--processes N` it instead builds one subset twice, in one process with 2 torch threads and as an
+N-process gloo build (`retro_lit.distributed`, 1 thread per rank on 2 cores), and writes the time ratio
+under `## build_db --processes`.
 """
 
 import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import random
 import resource
@@ -26,7 +32,8 @@ import numpy as np
 import torch
 
 from retro_lit.corpus import iter_documents
-from retro_lit.database import build_summary, build_workspace, open_workspace
+from retro_lit.database import build_summary, build_workspace, open_workspace, read_manifest
+from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.embedder import BERTForChunkEmbeddings
 
 log = logging.getLogger("build_db")
@@ -75,18 +82,96 @@ def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
     return result
 
 
-def run_child(corpus: Path, workspace: Path, measure_raw: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--corpus", str(corpus), "--workspace", str(workspace)]
+def child_processes(corpus: str, workspace: str, processes: int, block_size: int) -> dict:
+    """One build of the whole workspace: in this process (2 threads) or over `processes` gloo ranks."""
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    if processes == 1:
+        torch.set_num_threads(2)
+        build_workspace(workspace, corpus, device="cpu", block_size=block_size, quiet=True)
+    else:
+        placement = Placement("cpu", processes, 1, "ddp")
+        build_workspace_distributed(workspace, corpus, placement=placement, block_size=block_size, quiet=True)
+    seconds = time.perf_counter() - start
+    manifest = read_manifest(workspace)
+    return build_summary(workspace, 2, 2048) | {
+        "build_seconds": seconds,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "blocks": manifest["stages"]["embeddings"]["blocks"],
+    }
+
+
+def run_child(corpus: Path, workspace: Path, measure_raw: bool, extra: tuple[str, ...] = ()) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--corpus",
+        str(corpus),
+        "--workspace",
+        str(workspace),
+        *extra,
+    ]
     out = subprocess.run(
         cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_readme(path: Path, text: str) -> None:
-    """Replace (or append) the `## build_db` section, keeping everyone else's sections."""
+def compare_processes(args) -> None:
+    """1-process vs N-process build of one subset; writes `## build_db --processes`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_subset(tmp / "corpus", args.tokens, seed=0)
+        runs = {}
+        for n in (args.processes, 1) if args.reverse else (1, args.processes):
+            extra = ("--processes", str(n), "--block_size", str(args.block_size))
+            runs[n] = run_child(tmp / "corpus", tmp / f"ws_{n}", measure_raw=False, extra=extra)
+            log.info("%d process(es): %s", n, runs[n])
+        same = all(
+            np.array_equal(
+                np.load(tmp / "ws_1" / "neighbors" / "k2_t2048" / f"{split}.npy"),
+                np.load(tmp / f"ws_{args.processes}" / "neighbors" / "k2_t2048" / f"{split}.npy"),
+            )
+            for split in ("train", "val", "test")
+        )
+    one, many = runs[1], runs[args.processes]
+    ratio = many["build_seconds"] / one["build_seconds"]
+    loads = [f"{x:.1f}" for r in (one, many) for x in (r["load_before"][0], r["load_after"][0])]
+
+    def stages(r):
+        return ", ".join(f"{k} {v:.0f} s" for k, v in r["seconds"].items())
+
+    text = f"""## build_db --processes
+
+`python benchmarks/build_db.py --processes {args.processes} --tokens {args.tokens} --block_size {args.block_size}{" --reverse" if args.reverse else ""}` — {datetime.date.today()},
+{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only (no GPU in this run),
+all-MiniLM-L6-v2 (bf16 autocast), `bpe:8192`, M=64, K=2, T=2048, auto index. The same linux-doc subset
+({one["documents"]} docs, {one["tokens"]:,} tokens, {one["chunks"]:,} chunks, {one["blocks"]} blocks of {args.block_size}) is built
+once in one process with `torch.set_num_threads(2)` and once as a {args.processes}-process gloo build
+(`retro_lit.distributed`, 1 torch/faiss thread per rank), each from scratch in its own interpreter.
+
+| figure | 1 process × 2 threads | {args.processes} processes × 1 thread |
+|---|---|---|
+| end-to-end build, s (incl. process start) | {one["build_seconds"]:.1f} | {many["build_seconds"]:.1f} |
+| per stage | {stages(one)} | {stages(many)} |
+| embedding chunks/s | {one["embedding_chunks_per_s"]:.1f} | {many["embedding_chunks_per_s"]:.1f} |
+| neighbour queries/s | {one["neighbor_queries_per_s"]:.0f} | {many["neighbor_queries_per_s"]:.0f} |
+
+**{args.processes}-process time ÷ 1-process time = {ratio:.3f}** (target ≤ 1.0); neighbour files identical: {same}.
+The box is shared with colleagues' jobs: 1-minute load average {loads[0]} → {loads[1]} during the
+1-process build and {loads[2]} → {loads[3]} during the {args.processes}-process build, on {os.cpu_count()} cores, so both
+times are several times an idle box's and the ratio carries that noise.
+"""
+    log.info("%s", text)
+    write_readme(Path(args.readme), text, "## build_db --processes\n")
+
+
+def write_readme(path: Path, text: str, heading: str = "## build_db\n") -> None:
+    """Replace (or append) the `heading` section, keeping everyone else's sections."""
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    head, sep, rest = old.partition("## build_db\n")
+    head, sep, rest = old.partition(heading)
     tail = rest[rest.find("\n## ") + 1 :] if sep and "\n## " in rest else ""
     path.write_text(
         head.rstrip() + "\n\n" + text.rstrip() + "\n" + ("\n" + tail if tail else ""), encoding="utf-8"
@@ -102,15 +187,27 @@ def main() -> None:
         "--small_tokens", type=int, default=1_050_000, help="target tokens of the small build"
     )
     parser.add_argument("--readme", default=str(Path(__file__).with_name("README.md")))
+    parser.add_argument(
+        "--processes", type=int, default=None, help="compare a 1-process and an N-process build instead"
+    )
+    parser.add_argument("--reverse", action="store_true", help="with --processes: the N-process build first")
+    parser.add_argument("--block_size", type=int, default=128, help="chunks per block with --processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure_raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--workspace", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.processes:
+        result = child_processes(args.corpus, args.workspace, args.processes, args.block_size)
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
     if args.child:
         sys.stdout.write(json.dumps(child(args.corpus, args.workspace, args.measure_raw)) + "\n")
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.processes:
+        compare_processes(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_subset(tmp / "small", args.small_tokens, seed=0)
