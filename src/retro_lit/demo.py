@@ -54,14 +54,11 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str):
     """Build the database (prepare_data) and train with the config, or reuse run_dir's last.ckpt;
     returns (checkpoint, workspace)."""
     from retro_lit.cli import RetroCLI
-    from retro_lit.database import build_summary, format_summary
 
     cli = RetroCLI(args=["--config", config, *overrides], run=False)
     data, trainer = cli.datamodule, cli.trainer
     stage(f"{title}: retrieval database {data.hparams.workspace}")
-    data.prepare_data()
-    print(format_summary(build_summary(data.hparams.workspace, data.hparams.num_neighbors, data.hparams.seq_len),
-                         built_now=False))
+    data.prepare_data()  # builds or resumes; logs the database summary
     ckpt, workspace = Path(cli.config.checkpoint.dirpath) / "last.ckpt", Path(data.hparams.workspace)
     if ckpt.exists() and not retrain:
         stage(f"{title}: reusing {ckpt} (pass --retrain to train again)")
