@@ -103,6 +103,8 @@ class RetroLM(L.LightningModule):
             raise ValueError("model.warmup_steps must be >= 0 and model.min_lr_ratio in [0, 1]")
         if eval_retrieval not in ("both", "on", "off"):
             raise ValueError(f"model.eval_retrieval must be 'both', 'on' or 'off', got {eval_retrieval!r}")
+        if retrofit is not None and not retrieval:
+            raise ValueError("model.retrieval must be true with model.retrofit: only the CCA and encoder train")
         self.save_hyperparameters()
         # built in Python (not by the CLI), hparams would hold a dataclass and a class, which a weights-only
         # checkpoint load cannot read: keep plain data
