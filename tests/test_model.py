@@ -245,3 +245,22 @@ def test_bf16_training_tracks_fp32_within_two_percent():
     fp32, bf16 = losses(False), losses(True)
     assert fp32[-1] < fp32[0]
     assert ((bf16 - fp32).abs() / fp32).max() < 0.02
+
+
+def test_model_learns_to_copy_from_its_neighbors():
+    """Random tokens are unpredictable (loss ln V) unless read from the neighbour, which holds each
+    chunk's true continuation: the loss must fall well below ln V, so CCA, encoder and masks carry it."""
+    torch.manual_seed(0)
+    V, L, Bc = 64, 4, 16
+    model = tiny(vocab_size=V, chunk_size=8, d_model=64, n_layer=2, n_head=2, head_dim=32, d_ff=128,
+                 cca_layers=(1,), enc_n_layer=1).train()
+    opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    for _ in range(150):
+        x = torch.randint(0, V, (Bc, (L + 1) * 8 + 1))
+        chunks = x[:, :(L + 1) * 8].view(Bc, L + 1, 8)
+        neighbors = torch.cat([chunks[:, :L], chunks[:, 1:]], dim=-1)[:, :, None]  # (B, L, 1, 2M)
+        loss, nll = model.loss(x[:, :L * 8], x[:, 1:L * 8 + 1], neighbors)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert nll[:, 16:].mean() < 0.8 * math.log(V)  # positions that can see a continuation
