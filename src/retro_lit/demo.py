@@ -27,7 +27,7 @@ def demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=None, help="database folder (default: the config's data.workspace)")
     p.add_argument("--run_dir", default=None, help="logs, checkpoints, plots (default: trainer.default_root_dir)")
     p.add_argument("--max_steps", type=int, default=None, help="training steps (default: the config's)")
-    p.add_argument("--eval_tokens", type=int, default=40000, help="held-out tokens to evaluate (0 = all)")
+    p.add_argument("--eval_tokens", type=int, default=20000, help="held-out tokens to evaluate (0 = all)")
     p.add_argument("--baseline", action="store_true", help="also train configs/baseline.yaml and compare")
     p.add_argument("--retrain", action="store_true", help="train even if the run folder has a checkpoint")
     p.add_argument("--prompt", default=PROMPT, help="generation prompt")
