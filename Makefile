@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/retro-lit demo --workspace workspaces/shakespeare --run_dir runs/demo
 
-test: setup
-	$(PY) -m pytest -q
+test: setup  # pytest's exit 5 (no test collected) is not a failure here
+	$(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
