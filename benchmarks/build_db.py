@@ -234,7 +234,7 @@ Corpus: seeded random subsets of Debian `linux-doc-6.1` reST (one document per f
 | neighbour queries/s (large, all splits) | **{large["neighbor_queries_per_s"]:.0f}** | ≥ 2,000 |
 
 Time per stage (large): {per_stage}. Size on disk: {large["size_mb"]} MB.
-The machine was shared with other jobs during the run, so absolute speeds are noisy; the ratio is
+Absolute speeds move with other load on the machine; the ratio is
 measured within one process.
 """
     log.info("%s", text)
