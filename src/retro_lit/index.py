@@ -85,12 +85,20 @@ def build_index(
     for start in tqdm(range(0, n, block), desc="index", unit="block", disable=quiet):
         index.add(ws.embeddings(start, min(start + block, n)))  # (b, E)
     index = _to_cpu(index)
-    ivf = _ivf(index)
-    nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
+    info = _measured_info(ws, index, _ivf(index), name, n, sample, rng, k, target_recall)
     path = ws.root / "index.faiss"
     faiss.write_index(index, str(path.with_name(path.name + ".tmp")))
     os.replace(path.with_name(path.name + ".tmp"), path)
-    info = {
+    log.info("index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)",
+             name, n, k, info["recall"], info["nprobe"])
+    return path, info
+
+
+def _measured_info(ws: "Workspace", index: faiss.Index, ivf, name: str, n: int, sample: np.ndarray,
+                   rng: np.random.Generator, k: int, target_recall: float) -> dict:
+    """Tune nprobe and measure recall@k of a filled index; returns the index stage's manifest info."""
+    nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
+    return {
         "factory": name,
         "n": int(n),
         "nprobe": nprobe,
@@ -98,10 +106,6 @@ def build_index(
         "recall": round(float(recall), 4),
         "train_sample": int(len(sample)),
     }
-    log.info(
-        "index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)", name, n, k, recall, nprobe
-    )
-    return path, info
 
 
 def _train_sample(rng: np.random.Generator, n: int, index: faiss.Index) -> np.ndarray:
@@ -210,21 +214,11 @@ def finish_index_shards(
     rng = np.random.default_rng(seed)
     trained = faiss.read_index(str(Path(ws.root) / SHARD_DIR / "trained.faiss"))
     sample = _train_sample(rng, n, trained)  # advances rng exactly as build_index does
-    ivf = _ivf(trained)
     files = shard_files(ws.root, shards)
-    index = load_index(files)
-    nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
-    log.info("index %s in %d shards: recall@%d vs exact = %.4f (nprobe %s)", name, shards, k, recall, nprobe)
-    return {
-        "factory": name,
-        "n": int(n),
-        "nprobe": nprobe,
-        "k": k,
-        "recall": round(float(recall), 4),
-        "train_sample": int(len(sample)),
-        "shards": shards,
-        "files": [str(p.relative_to(ws.root)) for p in files],
-    }
+    info = _measured_info(ws, load_index(files), _ivf(trained), name, n, sample, rng, k, target_recall)
+    log.info("index %s in %d shards: recall@%d vs exact = %.4f (nprobe %s)",
+             name, shards, k, info["recall"], info["nprobe"])
+    return {**info, "shards": shards, "files": [str(p.relative_to(ws.root)) for p in files]}
 
 
 def index_files(root: str | Path, info: dict) -> list[Path]:

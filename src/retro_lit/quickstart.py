@@ -30,7 +30,7 @@ def build_database(workspace: str | Path, text_file: str | Path, *, bert: BERTFo
                    chunk_len: int = 16, tokenizer: str = "bpe:8192", index: str = "auto",
                    split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> Path:
     """Tokenize and chunk `text_file`, embed every chunk with `bert` and build the faiss index."""
-    return build_workspace(workspace, text_file, tokenizer=tokenizer, chunk_len=_positive(chunk_len), embedder=bert,
+    return build_workspace(workspace, text_file, tokenizer=tokenizer, chunk_len=chunk_len, embedder=bert,
                            index=index, split=split, seed=seed, seq_len=chunk_len, until="index")
 
 
@@ -80,19 +80,13 @@ def train(model: RetroModel, workspace: str | Path, text_file: str | Path, chunk
     return trainer
 
 
-def _positive(chunk_len: int) -> int:
-    if chunk_len <= 0:
-        raise RetroDataError(f"chunk_len must be > 0, got {chunk_len}")
-    return chunk_len
-
-
 def _built_settings(workspace: str | Path, chunk_len: int) -> dict:
     """The settings a workspace was built with; refuses a missing one or one with another chunk_len."""
     manifest = read_manifest(workspace)
     if manifest is None or not manifest["stages"].get("index", {}).get("done"):
         raise RetroDataError(f"workspace {workspace} has no database yet: call build_database(...) first")
     settings = manifest["settings"]
-    if settings["chunk_len"] != _positive(chunk_len):
+    if settings["chunk_len"] != chunk_len:
         raise RetroDataError(f"workspace {workspace} was built with chunk_len {settings['chunk_len']}, "
                              f"not {chunk_len}; use another workspace or the same chunk_len")
     return settings
