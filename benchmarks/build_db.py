@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retro_lit.cli import return_freed_memory_to_the_os
 from retro_lit.corpus import iter_documents
 from retro_lit.database import build_summary, build_workspace, open_workspace, read_manifest
 from retro_lit.distributed import Placement, build_workspace_distributed
@@ -57,6 +58,7 @@ def write_subset(folder: Path, n_tokens: int, seed: int) -> int:
 
 def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
     """One build in this process: peak RSS before the index, end-to-end time, raw forward speed."""
+    return_freed_memory_to_the_os()  # as `retro-lit build-db` does at start-up
     torch.set_num_threads(2)
     embedder = BERTForChunkEmbeddings(None, "cpu")
     start = time.perf_counter()

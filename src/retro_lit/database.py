@@ -315,10 +315,12 @@ def embed_chunks(
     todo = [b for b in blocks if not block_path(ws.root, b).exists()]
     block_path(ws.root, 0).parent.mkdir(exist_ok=True)
 
-    def prepare(block: int) -> list[np.ndarray]:
-        rows = ws.chunks[block * size : min((block + 1) * size, n_chunks)]  # (b, M)
-        texts = ws.tokenizer.decode_batch([row[row != ws.pad_id].tolist() for row in rows])
-        return embedder.tokenize(texts)
+    def prepare(block: int, slice_size: int = 1024) -> list[np.ndarray]:
+        token_ids = []  # slice by slice, so that no block-sized list of Python strings is ever alive
+        for start in range(block * size, min((block + 1) * size, n_chunks), slice_size):
+            rows = ws.chunks[start : min(start + slice_size, (block + 1) * size, n_chunks)]  # (s, M)
+            token_ids += embedder.tokenize(ws.tokenizer.decode_batch([row[row != ws.pad_id] for row in rows]))
+        return token_ids
 
     written = []
     with (

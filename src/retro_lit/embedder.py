@@ -79,10 +79,20 @@ class BERTForChunkEmbeddings:
         """Embed `texts` -> (n, E) float32 on the CPU."""
         return self.forward(self.tokenize(texts))
 
-    def tokenize(self, texts: list[str]) -> list[np.ndarray]:
-        """BERT token ids of each text (with [CLS]/[SEP]), truncated to `max_length`."""
-        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.max_length)
-        return [np.asarray(ids, dtype=np.int64) for ids in encoded["input_ids"]]
+    def tokenize(self, texts: list[str], slice_size: int = 1024) -> list[np.ndarray]:
+        """BERT token ids of each text (with [CLS]/[SEP]), truncated to `max_length`.
+
+        Texts go through the tokenizer `slice_size` at a time and only the ids are kept: a fast tokenizer's
+        full output for a whole block (offsets, masks, token strings as Python objects) is hundreds of MB
+        whose freed pieces fragment the heap, so the build's peak RSS grew with the corpus.
+        """
+        ids = []
+        for start in range(0, len(texts), slice_size):
+            encoded = self.tokenizer(texts[start : start + slice_size], add_special_tokens=True, truncation=True,
+                                     max_length=self.max_length, return_attention_mask=False,
+                                     return_token_type_ids=False)
+            ids.extend(np.asarray(row, dtype=np.int32) for row in encoded["input_ids"])
+        return ids
 
     @torch.inference_mode()
     def forward(self, token_ids: list[np.ndarray]) -> torch.Tensor:

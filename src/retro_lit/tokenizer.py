@@ -66,8 +66,8 @@ class LMTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=False)
+    def decode_batch(self, batch: list[list[int]] | list[np.ndarray]) -> list[str]:
+        return self.backend.decode_batch([np.asarray(ids).tolist() for ids in batch], skip_special_tokens=False)
 
     def save(self, path: Path) -> Path:
         self.backend.save(str(path))
