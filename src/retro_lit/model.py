@@ -108,17 +108,19 @@ class RetroConfig:
 # ----------------------------------------------------------------------------- building blocks
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for rotary embeddings at integer `positions` (...,) -> (..., Dh/2) each."""
+    """cos/sin tables for rotary embeddings at integer `positions` (...,) -> (..., Dh) each; dims i and
+    i + Dh/2 share an angle (the "rotate half" layout of GPT-NeoX and Llama)."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq  # (..., Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., Dh)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (..., S, Dh) by the angles of positions (S, Dh/2)."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., S, Dh/2, 2)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate the pairs (x[i], x[i + Dh/2]) of x (..., S, Dh) by the angles of positions (S, Dh), in x's
+    dtype: contiguous halves and no float32 round trip keep this elementwise work cheap under bf16."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -156,6 +158,26 @@ class Attention(nn.Module):
         return self.attend(x, k, v, q_rope, mask, is_causal)
 
 
+class GeluLinear(torch.autograd.Function):
+    """linear(gelu(h), weight, bias) that keeps only h for the backward and recomputes gelu(h) there: the
+    d_ff-wide GELU output is never stored, and, unlike activation checkpointing, no matmul is redone."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.save_for_backward(h, weight, bias)
+        ctx.dtype, ctx.h_dtype = dtype, h.dtype
+        return F.linear(F.gelu(h.to(dtype)), weight.to(dtype), bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, weight, bias = ctx.saved_tensors
+        h, grad_out = h.to(ctx.dtype), grad_out.to(ctx.dtype)
+        grad_gelu = grad_out @ weight.to(ctx.dtype)  # (..., d_ff)
+        grad_w = grad_out.flatten(0, -2).T @ F.gelu(h).flatten(0, -2)  # (D, d_ff)
+        grad_h = torch.ops.aten.gelu_backward(grad_gelu, h).to(ctx.h_dtype)
+        return grad_h, grad_w.to(weight.dtype), grad_out.flatten(0, -2).sum(0).to(bias.dtype), None
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
@@ -163,12 +185,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (..., d_ff)
-        if torch.is_grad_enabled() and h.requires_grad:  # keep only h for backward; GELU is cheap to redo
-            return self.drop(checkpoint(self._down_gelu, h, use_reentrant=False))
-        return self.drop(self._down_gelu(h))
-
-    def _down_gelu(self, h: Tensor) -> Tensor:
-        return self.down(F.gelu(h))
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        with torch.autocast(device, enabled=False):
+            return self.drop(GeluLinear.apply(h, self.down.weight, self.down.bias, dtype))  # (..., D)
 
 
 def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -301,21 +321,36 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int, dtype: torch.dtype):
+        N, V = x.shape[0], weight.shape[0]
         keep = targets != -100
         count = keep.sum().clamp(min=1)
+        scale = keep / count  # (N,) d mean-loss / d nll
         w = weight.to(dtype)
-        grad_x, grad_w = torch.zeros_like(x), torch.zeros_like(weight, dtype=torch.float32)
-        nll = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        for lo in range(0, x.shape[0], slice_rows):
-            xs, ts, ks = x[lo:lo + slice_rows].to(dtype), targets[lo:lo + slice_rows], keep[lo:lo + slice_rows]
-            logits = (xs @ w.T).float()  # (S, V)
-            lse = logits.logsumexp(-1)
-            nll[lo:lo + slice_rows] = (lse - logits.gather(1, ts.clamp(min=0)[:, None])[:, 0]) * ks
-            grad = (logits - lse[:, None]).exp_()  # softmax
-            grad[torch.arange(len(ts), device=x.device), ts.clamp(min=0)] -= 1
-            grad = (grad * (ks[:, None] / count)).to(dtype)  # d mean-loss / d logits
-            grad_x[lo:lo + slice_rows] = (grad @ w).to(x.dtype)
-            grad_w += (grad.T @ xs).float()
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        nll = torch.empty(N, dtype=torch.float32, device=x.device)
+        # (S, V) and (V, D) buffers reused by every slice, updated in place: each fresh (S, V) tensor would be
+        # a large allocation, freshly paged in by the OS
+        S = min(slice_rows, N)
+        probs = x.new_empty(S, V, dtype=torch.float32)
+        low = probs if dtype == torch.float32 else x.new_empty(S, V, dtype=dtype)  # probs in the matmul dtype
+        grad_w_slice = torch.empty_like(w)  # (V, D)
+        for lo in range(0, N, S):
+            xs, ts, ss = x[lo:lo + S].to(dtype), targets[lo:lo + S].clamp(min=0), scale[lo:lo + S]
+            n, rows = len(xs), torch.arange(len(xs), device=x.device)
+            p, q = probs[:n], low[:n]
+            torch.mm(xs, w.T, out=q)  # logits (n, V)
+            if q is not p:
+                p.copy_(q)
+            target_logit = p[rows, ts]
+            top = p.amax(-1, keepdim=True)
+            total = p.sub_(top).exp_().sum(-1, keepdim=True)  # p = exp(logits - top)
+            nll[lo:lo + n] = ((top + total.log())[:, 0] - target_logit) * (ss > 0)  # lse - target logit
+            p.mul_(ss[:, None] / total)  # softmax * scale
+            p[rows, ts] -= ss  # (softmax - onehot) * scale = d mean-loss / d logits
+            if q is not p:
+                q.copy_(p)
+            grad_x[lo:lo + n] = (q @ w).to(x.dtype)
+            grad_w.add_(torch.mm(q.T, xs, out=grad_w_slice))
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll)
         return nll.sum() / count, nll
