@@ -13,10 +13,18 @@ peak RSS <= 2.0 GB).
 
     python benchmarks/train_step.py            # both precisions
     python benchmarks/train_step.py --precision bf16 --steps 5
+
+With `--reference` it also runs lucidrains/RETRO-pytorch 0.3.9 at the same configuration, measured the same
+way in the same run, and prints the ratios against that instead of the quoted figure. It needs the package,
+which is not a dependency of retro_lit (its own imports pull in autofaiss etc., so only its model file is
+loaded):
+
+    pip install --no-deps retro-pytorch==0.3.9 einops
 """
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -24,6 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,44 +62,69 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / best
 
 
-def train_step(model, opt, tokens, targets, neighbors, autocast):
-    opt.zero_grad(set_to_none=True)
-    with autocast():
-        loss, _ = model.loss(tokens, targets, neighbors)  # fused head + cross-entropy, as RetroLM trains
-    loss.backward()
-    opt.step()
-    return loss
+def lucidrains_model() -> torch.nn.Module:
+    """lucidrains/RETRO-pytorch 0.3.9's RETRO at BENCH, loaded from its model file alone."""
+    spec = importlib.util.find_spec("retro_pytorch")
+    if spec is None:
+        sys.exit("error: --reference needs `pip install --no-deps retro-pytorch==0.3.9 einops`")
+    package = Path(spec.origin).parent
+    sys.modules["retro_pytorch"] = types.ModuleType("retro_pytorch")
+    sys.modules["retro_pytorch"].__path__ = [str(package)]
+    sys.modules["retro_pytorch.retrieval"] = types.SimpleNamespace(BERT_VOCAB_SIZE=28996)  # all it needs
+    spec = importlib.util.spec_from_file_location("retro_pytorch.retro_pytorch", package / "retro_pytorch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = BENCH
+    return module.RETRO(num_tokens=c.vocab_size, max_seq_len=SEQ, enc_dim=c.d_model, enc_depth=c.enc_n_layer,
+                        enc_cross_attn_layers=(1,), dec_depth=c.n_layer, dec_cross_attn_layers=(3, 6),
+                        heads=c.n_head, dec_dim=c.d_model, dim_head=c.head_dim, chunk_size=c.chunk_size)
 
 
-def run_one(precision: str, warmup: int, steps: int) -> dict:
+def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_lit") -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = RetroModel.from_config(BENCH).train()
-    opt = torch.optim.AdamW(model.param_groups(0.01), lr=3e-4, fused=True)
-    tokens = torch.randint(0, BENCH.vocab_size, (BATCH, SEQ + 1))
-    tokens, targets = tokens[:, :-1], tokens[:, 1:]
-    neighbors = torch.randint(0, BENCH.vocab_size, (BATCH, SEQ // 64, K, 128))
+    tokens = torch.randint(1, BENCH.vocab_size, (BATCH, SEQ + 1))  # no 0: lucidrains masks pad id 0
+    neighbors = torch.randint(1, BENCH.vocab_size, (BATCH, SEQ // 64, K, 128))
+    if model_name == "retro_lit":
+        model = RetroModel.from_config(BENCH).train()
+        params = model.param_groups(0.01)
+
+        def loss_fn():  # fused head + cross-entropy, as RetroLM trains
+            return model.loss(tokens[:, :-1], tokens[:, 1:], neighbors)[0]
+    else:
+        model = lucidrains_model().train()
+        params = model.parameters()
+
+        def loss_fn():  # its own training path: logits + F.cross_entropy
+            return model(tokens, neighbors, return_loss=True)
+
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=True)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
 
     with FlopCounterMode(display=False) as counter:
-        train_step(model, opt, tokens, targets, neighbors, autocast)
+        step()
     flops = counter.get_total_flops()
     for _ in range(warmup - 1):
-        train_step(model, opt, tokens, targets, neighbors, autocast)
+        step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        loss = train_step(model, opt, tokens, targets, neighbors, autocast)
+        loss = step()
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     peak = matmul_peak(dtype)
-    return {"precision": precision, "tokens_per_s": BATCH * SEQ / step_s, "step_s": step_s,
+    return {"model": model_name, "precision": precision, "tokens_per_s": BATCH * SEQ / step_s, "step_s": step_s,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "model_gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak / 1e9,
-            "mfu": flops / step_s / peak, "loss": loss.item(), "params": model.num_params()}
+            "mfu": flops / step_s / peak, "loss": loss.item(), "params": sum(p.numel() for p in model.parameters())}
 
 
 def main():
@@ -97,28 +132,31 @@ def main():
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", action="store_true", help="also run lucidrains/RETRO-pytorch 0.3.9 here")
+    parser.add_argument("--child", choices=["retro_lit", "lucidrains"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.precision, args.warmup, args.steps)))
+        print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child)))
         return
-    results = []
+    results = {}
     for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
-        out = subprocess.run([sys.executable, __file__, "--child", "--precision", precision,
-                              "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                             check=True, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV)).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    p = results[0]["params"]
-    print(f"RetroModel train step, batch {BATCH} x seq {SEQ}, k {K}, 2 threads; params: decoder "
-          f"{p['decoder'] / 1e6:.1f}M, encoder {p['encoder'] / 1e6:.1f}M, embedding+head {p['embedding'] / 1e6:.1f}M")
-    print(f"{'precision':>9} {'tokens/s':>9} {'step s':>7} {'peak RSS GB':>11} {'GFLOP/step':>10} "
+        for name in ["retro_lit", "lucidrains"] if args.reference else ["retro_lit"]:
+            out = subprocess.run([sys.executable, __file__, "--child", name, "--precision", precision,
+                                  "--warmup", str(args.warmup), "--steps", str(args.steps)],
+                                 check=True, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
+            results[name, precision] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"train step at the shared configuration, batch {BATCH} x seq {SEQ}, k {K}, 2 threads, "
+          f"{results['retro_lit', precision]['params'] / 1e6:.1f}M parameters")
+    print(f"{'model':>10} {'precision':>9} {'tokens/s':>9} {'step s':>7} {'peak RSS GB':>11} {'GFLOP/step':>10} "
           f"{'matmul peak GFLOP/s':>19} {'MFU':>6} {'x lucidrains':>12}")
-    for r in results:
-        print(f"{r['precision']:>9} {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_rss_gb']:11.2f} "
+    for (name, precision), r in results.items():
+        reference = results.get(("lucidrains", precision), {}).get("tokens_per_s", LUCIDRAINS_TOKENS_PER_S)
+        print(f"{name:>10} {precision:>9} {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_rss_gb']:11.2f} "
               f"{r['model_gflop_per_step']:10.0f} {r['matmul_peak_gflops']:19.0f} {r['mfu']:6.1%} "
-              f"{r['tokens_per_s'] / LUCIDRAINS_TOKENS_PER_S:12.2f}")
-    print("targets: fp32 >= 1.40x, bf16 >= 2.50x lucidrains tokens/s; peak RSS <= 2.0 GB "
-          f"(lucidrains: {LUCIDRAINS_PEAK_RSS_GB} GB)")
+              f"{r['tokens_per_s'] / reference:12.2f}")
+    print("targets: fp32 >= 1.40x, bf16 >= 2.50x lucidrains tokens/s; peak RSS <= 2.0 GB (x lucidrains: against "
+          + ("lucidrains measured in this run)" if args.reference else
+             f"the quoted {LUCIDRAINS_TOKENS_PER_S:.0f} tokens/s, {LUCIDRAINS_PEAK_RSS_GB} GB)"))
 
 
 if __name__ == "__main__":
