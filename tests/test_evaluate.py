@@ -152,3 +152,26 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     assert evaluate_main(base + ["--neighbors", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
+    import json
+
+    from test_generate import build_tiny_workspace
+
+    from retro_lit.database import open_workspace
+    from retro_lit.evaluate import RandomNeighbors, evaluate_main
+
+    ws_path, ckpt, _ = build_tiny_workspace(tmp_path)
+    ws = open_workspace(ws_path)
+    lo, hi = ws.split_range("train")
+    chunks = np.zeros((50, ws.chunk_len), dtype=np.int64)
+    doc = EvalDocument("doc", chunks.reshape(-1), doc_id=3)
+    drawn = RandomNeighbors(ws, k=2)(doc, chunks)  # (C, k, R)
+    assert drawn.shape == (50, 2, 2 * ws.chunk_len)
+    assert np.array_equal(drawn, RandomNeighbors(ws, k=2)(doc, chunks))  # seeded: the same control every run
+    train_chunks = {row.tobytes() for row in ws.neighbor_tokens(np.arange(lo, hi))}  # train chunks + continuations
+    assert all(n.tobytes() in train_chunks for n in drawn.reshape(-1, 2 * ws.chunk_len))
+    assert evaluate_main(["--ckpt_path", str(ckpt), "--workspace", str(ws_path), "--neighbors", "1", "--device", "cpu",
+                          "--quiet", "--split", "test", "--neighbor_source", "random", "--out_dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"] == "random train chunks (control)"

@@ -208,6 +208,20 @@ class PrecomputedNeighbors:
         return self.ws.neighbor_tokens(np.asarray(self.ids[lo:lo + len(chunks), : self.k]))  # (C, k, R)
 
 
+class RandomNeighbors:
+    """Control: k random train-split chunks (with their continuations) per chunk instead of its nearest
+    neighbours, seeded per document. Retrieval ON with these vs the real neighbours separates what the retrieved
+    text carries from what the extra CCA pathway alone learned (e.g. the style of the corpus)."""
+
+    def __init__(self, ws, k: int, seed: int = 0):
+        self.ws, self.k, self.seed = ws, k, seed
+        self.lo, self.hi = ws.split_range("train")
+
+    def __call__(self, doc: EvalDocument, chunks: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, doc.doc_id if doc.doc_id is not None else 0])
+        return self.ws.neighbor_tokens(rng.integers(self.lo, self.hi, size=(len(chunks), self.k)))  # (C, k, R)
+
+
 def precomputed_file_k(ws, split: str, k: int, seq_len: int) -> int | None:
     """K of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
     exclusion never applies (the database is the train split), so any seq_len will do."""
@@ -312,8 +326,9 @@ def evaluate_parser():
     p.add_argument("--seq_len", type=int, default=None, help="context T (default: the checkpoint's data.seq_len)")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="comma-separated alpha values for bpb(alpha)")
     p.add_argument("--leakage_k", type=int, default=None, help="neighbours compared for r(C) (default: the largest k)")
-    p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed"),
-                   help="live RetroIndex search, the workspace's precomputed files, or auto (files when they fit)")
+    p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed", "random"),
+                   help="live RetroIndex search, the workspace's precomputed files, auto (files when they fit), or "
+                        "random train chunks as a control")
     p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first ~N tokens of the documents")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out_dir", default=None, help="where the JSON and PNGs go (default: next to the checkpoint)")
@@ -391,10 +406,13 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
 
 
 def choose_neighbors(args, ws, k: int, seq_len: int, device: str):
-    """(neighbors_of, description): precomputed files when asked or when `auto` finds a fitting one, else live."""
+    """(neighbors_of, description): precomputed files when asked or when `auto` finds a fitting one, else live;
+    random train chunks when asked (a control)."""
     from retro_lit.generate import CommandError
     from retro_lit.index import RetroIndex
 
+    if args.neighbor_source == "random":
+        return RandomNeighbors(ws, k), "random train chunks (control)"
     if args.corpus:
         if args.neighbor_source == "precomputed":
             raise CommandError("--neighbor_source precomputed needs a workspace split, not --corpus")
