@@ -337,7 +337,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for lo in range(0, N, S):
             xs, ts, ss = x[lo:lo + S].to(dtype), targets[lo:lo + S].clamp(min=0), scale[lo:lo + S]
             n, rows = len(xs), torch.arange(len(xs), device=x.device)
-            p, q = probs[:n], low[:n]
+            p = probs[:n]
+            q = p if low is probs else low[:n]
             torch.mm(xs, w.T, out=q)  # logits (n, V)
             if q is not p:
                 p.copy_(q)
