@@ -158,6 +158,13 @@ class Attention(nn.Module):
         return self.attend(x, k, v, q_rope, mask, is_causal)
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would compute x's matmuls in (x's own dtype outside autocast). The autograd functions
+    below run with autocast off and cast explicitly to it."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class GeluLinear(torch.autograd.Function):
     """linear(gelu(h), weight, bias) that keeps only h for the backward and recomputes gelu(h) there: the
     d_ff-wide GELU output is never stored, and, unlike activation checkpointing, no matmul is redone."""
@@ -185,9 +192,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (..., d_ff)
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = compute_dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
             return self.drop(GeluLinear.apply(h, self.down.weight, self.down.bias, dtype))  # (..., D)
 
 
@@ -364,7 +370,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int = 256) -> tuple[Tensor, Tensor]:
     """x (N, D), weight (V, D), targets (N,) with -100 = ignore -> (mean loss, per-row nll (N,))."""
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return LinearCrossEntropy.apply(x, weight, targets, slice_rows, dtype)
 
