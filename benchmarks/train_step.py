@@ -146,7 +146,7 @@ def main():
                                  check=True, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
             results[name, precision] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"train step at the shared configuration, batch {BATCH} x seq {SEQ}, k {K}, 2 threads, "
-          f"{results['retro_lit', precision]['params'] / 1e6:.1f}M parameters")
+          f"{next(iter(results.values()))['params'] / 1e6:.1f}M parameters")
     print(f"{'model':>10} {'precision':>9} {'tokens/s':>9} {'step s':>7} {'peak RSS GB':>11} {'GFLOP/step':>10} "
           f"{'matmul peak GFLOP/s':>19} {'MFU':>6} {'x lucidrains':>12}")
     for (name, precision), r in results.items():
