@@ -22,7 +22,7 @@ def test_quickstart_example_trains_and_checkpoints(tmp_path):
     assert list(runs.glob("version_*/checkpoints/*.ckpt")), "no checkpoint written"
     with open(next(runs.glob("version_*/metrics.csv"))) as f:
         losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
-    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3  # a real drop, not noise (~0.9 seen)
 
 
 @pytest.fixture(scope="module")

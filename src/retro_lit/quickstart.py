@@ -71,7 +71,9 @@ def train(model: RetroModel, workspace: str | Path, text_file: str | Path, chunk
     if model.config.vocab_size < data.vocab_size:
         raise RetroDataError(f"the model has n_vocab {model.config.vocab_size}, but the workspace's tokenizer "
                              f"needs {data.vocab_size}: pass build_dataset(...)'s return value as n_vocab")
-    module = RetroLM(model.config, lr=lr, warmup_steps=min(100, trainer_options.get("max_steps", 100) // 10 + 1))
+    # >= 3 warm-up steps: a full-lr first Adam step can spike the loss of a fresh 16-layer model
+    warmup_steps = min(100, max(3, trainer_options.get("max_steps", 100) // 10))
+    module = RetroLM(model.config, lr=lr, warmup_steps=warmup_steps)
     module.model = model  # the caller's model trains in place; its config makes the checkpoint reloadable
     trainer_options = {"max_epochs": -1 if "max_steps" in trainer_options else 1, "log_every_n_steps": 1,
                        "default_root_dir": str(Path(workspace) / "runs"), **trainer_options}
