@@ -13,6 +13,7 @@ peak RSS <= 2.0 GB).
 
     python benchmarks/train_step.py            # both precisions
     python benchmarks/train_step.py --precision bf16 --steps 5
+    python benchmarks/train_step.py --compile    # also with model.compile (RetroLM compiles the encoder layers)
 
 With `--reference` it also runs lucidrains/RETRO-pytorch 0.3.9 at the same configuration, measured the same
 way in the same run, and prints the ratios against that instead of the quoted figure. It needs the package,
@@ -85,7 +86,7 @@ def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_li
     torch.manual_seed(0)
     tokens = torch.randint(1, BENCH.vocab_size, (BATCH, SEQ + 1))  # no 0: lucidrains masks pad id 0
     neighbors = torch.randint(1, BENCH.vocab_size, (BATCH, SEQ // 64, K, 128))
-    if model_name == "retro_lit":
+    if model_name.startswith("retro_lit"):
         model = RetroModel.from_config(BENCH).train()
         params = model.param_groups(0.01)
 
@@ -112,6 +113,8 @@ def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_li
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    if model_name == "retro_lit+compile":  # what RetroLM(compile=True) does; after the eager FLOP count, since
+        model.encoder.compile_layers()    # compiling under the counter's dispatch mode slowed every later step
     for _ in range(warmup - 1):
         step()
     times = []
@@ -133,25 +136,26 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also run lucidrains/RETRO-pytorch 0.3.9 here")
-    parser.add_argument("--child", choices=["retro_lit", "lucidrains"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also run retro_lit with model.compile (its encoder layers)")
+    parser.add_argument("--child", choices=["retro_lit", "retro_lit+compile", "lucidrains"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child)))
         return
     results = {}
     for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
-        for name in ["retro_lit", "lucidrains"] if args.reference else ["retro_lit"]:
+        for name in ["retro_lit"] + ["retro_lit+compile"] * args.compile + ["lucidrains"] * args.reference:
             out = subprocess.run([sys.executable, __file__, "--child", name, "--precision", precision,
                                   "--warmup", str(args.warmup), "--steps", str(args.steps)],
                                  check=True, capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV))
             results[name, precision] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"train step at the shared configuration, batch {BATCH} x seq {SEQ}, k {K}, 2 threads, "
           f"{next(iter(results.values()))['params'] / 1e6:.1f}M parameters")
-    print(f"{'model':>10} {'precision':>9} {'tokens/s':>9} {'step s':>7} {'peak RSS GB':>11} {'GFLOP/step':>10} "
+    print(f"{'model':>17} {'precision':>9} {'tokens/s':>9} {'step s':>7} {'peak RSS GB':>11} {'GFLOP/step':>10} "
           f"{'matmul peak GFLOP/s':>19} {'MFU':>6} {'x lucidrains':>12}")
     for (name, precision), r in results.items():
         reference = results.get(("lucidrains", precision), {}).get("tokens_per_s", LUCIDRAINS_TOKENS_PER_S)
-        print(f"{name:>10} {precision:>9} {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_rss_gb']:11.2f} "
+        print(f"{name:>17} {precision:>9} {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_rss_gb']:11.2f} "
               f"{r['model_gflop_per_step']:10.0f} {r['matmul_peak_gflops']:19.0f} {r['mfu']:6.1%} "
               f"{r['tokens_per_s'] / reference:12.2f}")
     print("targets: fp32 >= 1.40x, bf16 >= 2.50x lucidrains tokens/s; peak RSS <= 2.0 GB (x lucidrains: against "

@@ -77,6 +77,7 @@ class RetroLM(L.LightningModule):
         retrieval: bool = True,
         eval_retrieval: Literal["both", "on", "off"] = "both",
         retrofit: RetroFitConfig | None = None,
+        compile: bool = False,
     ):
         """
         Args:
@@ -93,6 +94,8 @@ class RetroLM(L.LightningModule):
             eval_retrieval: Validate and test with retrieval `on`, `off`, or `both` (logged under two names).
             retrofit: RETRO-fit a frozen pretrained LM instead of training `config`'s model from scratch (only
                 its CCA and encoder train); `config` then only carries the linked vocab_size and chunk_size.
+            compile: `torch.compile` the neighbour encoder's layers (`NearestNeighborEncoder.compile_layers`):
+                a bf16 CPU training step ~1.3x faster after a one-off compile; needs a C++ compiler on CPU.
         """
         super().__init__()
         if isinstance(config, dict):  # from a checkpoint saved outside the CLI
@@ -120,6 +123,8 @@ class RetroLM(L.LightningModule):
             self.model = RetroFitModel.from_config(
                 replace(retrofit, vocab_size=config.vocab_size, chunk_size=config.chunk_size)
             )
+        if compile and self.model.encoder is not None:
+            self.model.encoder.compile_layers()
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}{suffix}": LanguageModelMetrics() for stage in ("val", "test") for suffix in ("", "_no_retrieval")}
         )
