@@ -1,6 +1,7 @@
 """RetroLM on random batches: metrics, schedule, optimizer groups, retrieval on/off logging, checkpoints."""
 
 import math
+import shutil
 
 import lightning as L
 import pytest
@@ -127,6 +128,7 @@ def test_fused_training_loss_equals_the_mean_eval_nats(monkeypatch):
     torch.testing.assert_close(loss, nats.sum() / (batch.targets != IGNORE_INDEX).sum(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(monkeypatch):
     torch._dynamo.reset()
     eager, compiled = RetroLM(tiny_config()), RetroLM(tiny_config(), compile=True)
@@ -143,3 +145,9 @@ def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(monkeypat
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # something was compiled
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_compile_without_a_cpp_compiler_is_refused(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        RetroLM(tiny_config(), compile=True)
