@@ -6,8 +6,6 @@ logged as `val/loss`, `val/ppl`, `val/bpb` and `val/loss_no_retrieval`, `val/ppl
 """
 
 import math
-import os
-import shutil
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Literal
@@ -110,9 +108,6 @@ class RetroLM(L.LightningModule):
             raise ValueError(f"model.eval_retrieval must be 'both', 'on' or 'off', got {eval_retrieval!r}")
         if retrofit is not None and not retrieval:
             raise ValueError("model.retrieval must be true with model.retrofit: only the CCA and encoder train")
-        if compile and not torch.cuda.is_available() and not any(
-                shutil.which(cxx) for cxx in (os.environ.get("CXX", "g++"), "g++", "clang++")):
-            raise ValueError("model.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found")
         self.save_hyperparameters()
         # built in Python (not by the CLI), hparams would hold a dataclass and a class, which a weights-only
         # checkpoint load cannot read: keep plain data

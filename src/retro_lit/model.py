@@ -36,6 +36,8 @@ layer from layer 6" in a 12-layer model is ca_layers={5, 8, 11}.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -255,6 +257,9 @@ class NearestNeighborEncoder(nn.Module):
         adds around the matmuls makes a bf16 CPU training step ~1.3x faster (benchmarks/train_step.py). fp32 on
         CPU gains nothing (matmul-bound). The decoder stays eager: compiled, its sublayers ran slower here,
         and its decoding cache has data-dependent shapes."""
+        compilers = [cxx for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx]
+        if not torch.cuda.is_available() and not any(shutil.which(cxx) for cxx in compilers):
+            raise ValueError("model.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found")
         for layer in self.layers:
             layer.compile()
 
