@@ -95,6 +95,18 @@ def test_cca_matches_reference(T):
     torch.testing.assert_close(got, reference_cca(cca, x, memory, valid), rtol=1e-4, atol=1e-5)
 
 
+def test_each_neighbor_is_encoded_on_its_own_chunk():
+    """The encoder sees neighbour (chunk u, slot j) with chunk u's states only, whatever the other slots hold."""
+    model = tiny()
+    _, neighbors = random_batch()
+    h = torch.randn(B, 16, 32)
+    memory, _ = model.run_encoder(neighbors, h)  # (B, L, K*R, E)
+    for u in range(4):
+        for j in range(K):
+            alone, _ = model.run_encoder(neighbors[:, u:u + 1, j:j + 1], h[:, u * M:(u + 1) * M])  # (B, 1, R, E)
+            torch.testing.assert_close(memory[:, u, j * R:(j + 1) * R], alone[:, 0], rtol=1e-4, atol=1e-5)
+
+
 def test_masked_neighbor_equals_removed_neighbor():
     model = tiny()
     tokens, neighbors = random_batch()

@@ -221,10 +221,12 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cond: Tensor, rope_r, rope_m, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, rope_r, rope_kr, rope_m, mask: Tensor | None) -> Tensor:
+        """x (N, R, E) neighbours, cond (N/K, M, d_cond) the states of their chunks."""
         x = x + self.drop(self.attn(self.norm_attn(x), q_rope=rope_r, k_rope=rope_r, mask=mask))
-        if self.cross is not None:
-            x = x + self.drop(self.cross(self.norm_cross(x), cond, q_rope=rope_r, k_rope=rope_m))
+        if self.cross is not None:  # the K neighbours of a chunk read the same states: one (K*R)-long query
+            queries = self.norm_cross(x).view(len(cond), -1, x.shape[-1])  # (N/K, K*R, E)
+            x = x + self.drop(self.cross(queries, cond, q_rope=rope_kr, k_rope=rope_m).view_as(x))
         return x + self.ff(self.norm_ff(x))
 
 
@@ -264,19 +266,21 @@ class NearestNeighborEncoder(nn.Module):
             layer.compile()
 
     def forward(self, neighbors: Tensor, valid: Tensor, cond: Tensor) -> Tensor:
-        """neighbors: embedded neighbour tokens (N, R, d_input) with N = B*L*K; valid: (N, R) bool;
-        cond: decoder states of each neighbour's chunk (N, M, d_cond). Returns (N, R, E)."""
+        """neighbors: embedded neighbour tokens (N, R, d_input) with N = B*L*K, the K neighbours of a chunk
+        consecutive; valid: (N, R) bool; cond: decoder states of each chunk (N/K, M, d_cond). Returns (N, R, E).
+        The chunk's states are projected once for its K neighbours (not expanded K-fold)."""
         N, R, _ = neighbors.shape
         pos_r = torch.arange(R, device=neighbors.device)
         rope_r = rope_cos_sin(pos_r, self.head_dim, self.rope_base)  # neighbour token j at position j
+        rope_kr = tuple(t.repeat(N // len(cond), 1) for t in rope_r)  # ... in each of the K neighbours
         rope_m = rope_cos_sin(pos_r[: cond.shape[1]], self.head_dim, self.rope_base)  # chunk token j at j
         mask = None if bool(valid.all()) else safe_key_mask(valid)[0]  # (N, 1, 1, R)
         x = self.proj_in(neighbors)  # (N, R, E)
         for layer in self.layers:
             if self.recompute and torch.is_grad_enabled():  # save only layer inputs; redo in backward
-                x = checkpoint(layer, x, cond, rope_r, rope_m, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cond, rope_r, rope_kr, rope_m, mask, use_reentrant=False)
             else:
-                x = layer(x, cond, rope_r, rope_m, mask)
+                x = layer(x, cond, rope_r, rope_kr, rope_m, mask)
         return self.norm_out(x)
 
 
@@ -332,6 +336,17 @@ class ChunkedCrossAttention(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 
+def add_to_float32(total: Tensor, x: Tensor, rows: int = 2048) -> None:
+    """total (float32) += x, converting x a block of rows at a time: a mixed-dtype add_ is ~5x slower here."""
+    if x.dtype == total.dtype:
+        total.add_(x)
+        return
+    block = total.new_empty(min(rows, len(x)), *x.shape[1:])
+    for lo in range(0, len(x), rows):
+        part = x[lo:lo + rows]
+        total[lo:lo + rows].add_(block[:len(part)].copy_(part))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
 
@@ -344,7 +359,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         N, V = x.shape[0], weight.shape[0]
         keep = targets != -100
         count = keep.sum().clamp(min=1)
-        scale = keep / count  # (N,) d mean-loss / d nll
+        scale = (keep / count)[:, None]  # (N, 1) d mean-loss / d nll
         w = weight.to(dtype)
         grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
         nll = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -362,16 +377,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             torch.mm(xs, w.T, out=q)  # logits (n, V)
             if q is not p:
                 p.copy_(q)
-            target_logit = p[rows, ts]
-            top = p.amax(-1, keepdim=True)
-            total = p.sub_(top).exp_().sum(-1, keepdim=True)  # p = exp(logits - top)
-            nll[lo:lo + n] = ((top + total.log())[:, 0] - target_logit) * (ss > 0)  # lse - target logit
-            p.mul_(ss[:, None] / total)  # softmax * scale
-            p[rows, ts] -= ss  # (softmax - onehot) * scale = d mean-loss / d logits
+            target_logit, top = p[rows, ts], p.amax(-1)
+            torch.softmax(p, -1, out=p)  # in place; one fused pass, several times faster than exp_ + sum
+            # log-sum-exp = top - log(max prob): exact, and the max prob (>= 1/V) cannot underflow as p[target] can
+            nll[lo:lo + n] = (top - p.amax(-1).log() - target_logit) * (ss[:, 0] > 0)
+            p[rows, ts] -= 1  # softmax - onehot = d nll / d logits; the scale goes on the (n, D) side below
             if q is not p:
                 q.copy_(p)
-            grad_x[lo:lo + n] = (q @ w).to(x.dtype)
-            grad_w.add_(torch.mm(q.T, xs, out=grad_w_slice))
+            grad_x[lo:lo + n] = (q @ w) * ss
+            torch.mm(q.T, (xs * ss).to(dtype), out=grad_w_slice)
+            add_to_float32(grad_w, grad_w_slice)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(nll)
         return nll.sum() / count, nll
@@ -576,8 +591,7 @@ class RetroModel(nn.Module):
         M = self.chunk_len
         valid = neighbors >= 0  # (B, L, K, R)
         emb = self.token_emb(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, D)
-        cond = h.reshape(B, L, 1, M, -1).expand(B, L, K, M, h.shape[-1]).reshape(B * L * K, M, -1)  # (B*L*K, M, D)
-        encoded = self.encoder(emb, valid.view(B * L * K, R), cond)  # (B*L*K, R, E)
+        encoded = self.encoder(emb, valid.view(B * L * K, R), h.reshape(B * L, M, -1))  # (B*L*K, R, E)
         return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
 
     # -- utilities ----------------------------------------------------------------------------------

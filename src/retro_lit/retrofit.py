@@ -317,8 +317,7 @@ class RetroFitModel(nn.Module):
         valid = neighbors >= 0  # (B, L, K, R)
         embed = self.lm.get_input_embeddings() if self.token_emb is None else self.token_emb
         emb = embed(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, D or E)
-        cond = h.reshape(B, L, 1, M, -1).expand(B, L, K, M, h.shape[-1]).reshape(B * L * K, M, -1)  # (B*L*K, M, D)
-        encoded = self.encoder(emb, valid.view(B * L * K, R), cond)  # (B*L*K, R, E)
+        encoded = self.encoder(emb, valid.view(B * L * K, R), h.reshape(B * L, M, -1))  # (B*L*K, R, E)
         return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
 
     # -- utilities ----------------------------------------------------------------------------------
