@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retro_lit.cli import return_freed_memory_to_the_os
 from retro_lit.corpus import iter_documents
 from retro_lit.database import build_summary, build_workspace, open_workspace, read_manifest
 from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.malloc import tuned_env
 
 log = logging.getLogger("build_db")
 CHARS_PER_TOKEN = 4.0  # rough, for picking the subsets; the real token counts are reported
@@ -58,7 +58,6 @@ def write_subset(folder: Path, n_tokens: int, seed: int) -> int:
 
 def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
     """One build in this process: peak RSS before the index, end-to-end time, raw forward speed."""
-    return_freed_memory_to_the_os()  # as `retro-lit build-db` does at start-up
     torch.set_num_threads(2)
     embedder = BERTForChunkEmbeddings(None, "cpu")
     start = time.perf_counter()
@@ -116,7 +115,8 @@ def run_child(corpus: Path, workspace: Path, measure_raw: bool, extra: tuple[str
         *extra,
     ]
     out = subprocess.run(
-        cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True
+        cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True,
+        env=tuned_env(),  # glibc malloc as `retro-lit build-db` runs with (retro_lit.malloc)
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

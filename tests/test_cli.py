@@ -38,7 +38,7 @@ def args_for(tiny, run_dir, *extra, **data):
 def retro_lit(*args, env=None, timeout=300):
     """Run the installed console script (as a user would); returns the completed process."""
     script = Path(sys.executable).with_name("retro-lit")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "retro_lit.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "retro_lit"]
     env = {**os.environ, **(env or {})}
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,6 +53,28 @@ def _argv(monkeypatch):
 def read_metrics(run_dir, version):
     with open(Path(run_dir) / "lightning_logs" / f"version_{version}" / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
+def test_process_restarts_itself_once_with_malloc_tunables_and_keeps_a_users_own():
+    from retro_lit.malloc import TUNABLES
+    code = ("import os; from retro_lit.malloc import reexec_with_tunables; reexec_with_tunables(); "
+            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**base, **env})
+        out, _ = proc.communicate(timeout=60)  # a restart loop would never print
+        pid, tunables = out.split(maxsplit=1)
+        assert int(pid) == proc.pid  # exec: the same process
+        return tunables.strip()
+
+    if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        pytest.skip("not glibc")
+    assert run() == TUNABLES
+    assert run(GLIBC_TUNABLES="glibc.rtld.optional_static_tls=4096") == "glibc.rtld.optional_static_tls=4096:" + TUNABLES
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2"
+    assert run(MALLOC_MMAP_THRESHOLD_="1048576") == "None"
 
 
 def test_help_lists_every_command(capsys):

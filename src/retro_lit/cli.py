@@ -8,7 +8,6 @@
     retro-lit fit --config configs/tiny.yaml --print_config=comments,skip_null
 """
 
-import ctypes
 import logging
 import os
 import sys
@@ -25,6 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from retro_lit.corpus import RetroDataError
 from retro_lit.data import RetroDataModule
 from retro_lit.lit import NeighborTableCallback, RetroLM
+from retro_lit.malloc import fix_mmap_threshold
 
 # name -> (module, function(argv) -> exit code, one-line help); imported only when run
 EXTRA_COMMANDS = {
@@ -101,21 +101,10 @@ def default_wandb_mode() -> None:
     os.environ["WANDB_MODE"] = "offline"
 
 
-def return_freed_memory_to_the_os() -> None:
-    """Training frees and re-allocates large activation blocks every step; glibc's adaptive mmap threshold
-    soon serves them from the heap, which keeps the freed memory, so RSS climbs far above what is live.
-    A fixed 4 MiB threshold (as `MALLOC_MMAP_THRESHOLD_=4194304` would set) returns them on free."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3 = M_MMAP_THRESHOLD
-        except OSError:  # not glibc (e.g. musl): nothing to tune
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point `retro-lit`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    return_freed_memory_to_the_os()
+    fix_mmap_threshold()  # `retro-lit` itself was started with the full malloc tunables (retro_lit.__main__)
     default_wandb_mode()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,17 @@
+"""`retro-lit` and `python -m retro_lit`: tune glibc malloc (see retro_lit.malloc) before the heavy
+imports, then run the CLI."""
+
+import sys
+
+from retro_lit.malloc import reexec_with_tunables
+
+
+def main() -> int:
+    reexec_with_tunables()
+    from retro_lit.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
