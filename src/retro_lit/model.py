@@ -265,6 +265,15 @@ class NearestNeighborEncoder(nn.Module):
         for layer in self.layers:
             layer.compile()
 
+    def encode(self, neighbors: Tensor, h: Tensor, embed: nn.Module) -> tuple[Tensor, Tensor]:
+        """neighbors (B, L, K, R) token ids (-1 = none), h (B, L*M, d_cond) the states of their chunks, embed the
+        token embedding -> memory (B, L, K*R, E), valid (B, L, K*R)."""
+        B, L, K, R = neighbors.shape
+        valid = neighbors >= 0  # (B, L, K, R)
+        emb = embed(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, d_input)
+        encoded = self(emb, valid.view(B * L * K, R), h.reshape(B * L, self.chunk_len, -1))  # (B*L*K, R, E)
+        return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
+
     def forward(self, neighbors: Tensor, valid: Tensor, cond: Tensor) -> Tensor:
         """neighbors: embedded neighbour tokens (N, R, d_input) with N = B*L*K, the K neighbours of a chunk
         consecutive; valid: (N, R) bool; cond: decoder states of each chunk (N/K, M, d_cond). Returns (N, R, E).
@@ -587,12 +596,7 @@ class RetroModel(nn.Module):
 
     def run_encoder(self, neighbors: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """neighbors (B, L, K, R) token ids, h (B, L*M, D) -> memory (B, L, K*R, E), valid (B, L, K*R)."""
-        B, L, K, R = neighbors.shape
-        M = self.chunk_len
-        valid = neighbors >= 0  # (B, L, K, R)
-        emb = self.token_emb(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, D)
-        encoded = self.encoder(emb, valid.view(B * L * K, R), h.reshape(B * L, M, -1))  # (B*L*K, R, E)
-        return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
+        return self.encoder.encode(neighbors, h, self.token_emb)
 
     # -- utilities ----------------------------------------------------------------------------------
 

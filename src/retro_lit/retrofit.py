@@ -312,13 +312,8 @@ class RetroFitModel(nn.Module):
 
     def run_encoder(self, neighbors: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """neighbors (B, L, K, R) token ids, h (B, L*M, D) LM states -> memory (B, L, K*R, E), valid (B, L, K*R)."""
-        B, L, K, R = neighbors.shape
-        M = self.chunk_len
-        valid = neighbors >= 0  # (B, L, K, R)
         embed = self.lm.get_input_embeddings() if self.token_emb is None else self.token_emb
-        emb = embed(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, D or E)
-        encoded = self.encoder(emb, valid.view(B * L * K, R), h.reshape(B * L, M, -1))  # (B*L*K, R, E)
-        return encoded.view(B, L, K * R, -1), valid.view(B, L, K * R)
+        return self.encoder.encode(neighbors, h, embed)
 
     # -- utilities ----------------------------------------------------------------------------------
 
