@@ -23,11 +23,13 @@ def _user_tuned(env) -> bool:
     return "MALLOC_MMAP_THRESHOLD_" in env or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
 
 
-def _glibc() -> bool:
+def _ours_to_tune() -> bool:
+    """glibc's malloc, and the user has not tuned it."""
     try:
-        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
     except (ValueError, OSError, AttributeError):  # no such confstr name: not glibc
         return False
+    return glibc and not _user_tuned(os.environ)
 
 
 def tuned_env(env=None) -> dict:
@@ -40,12 +42,12 @@ def tuned_env(env=None) -> dict:
 
 def reexec_with_tunables() -> None:
     """Replace this process by itself started with TUNABLES, unless malloc is tuned already or not glibc's."""
-    if _glibc() and not _user_tuned(os.environ):
+    if _ours_to_tune():
         sys.stdout.flush()
         os.execve(sys.executable, sys.orig_argv, tuned_env())
 
 
 def fix_mmap_threshold() -> None:
     """In-process fallback for a running interpreter: the mmap threshold can still be set (huge pages cannot)."""
-    if _glibc() and not _user_tuned(os.environ):
+    if _ours_to_tune():
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3 = M_MMAP_THRESHOLD
