@@ -158,12 +158,22 @@ def test_every_parameter_gets_a_finite_gradient():
 
 
 def test_bf16_autocast_forward_backward():
+    """bf16 (whose short attentions run SDPA's math kernel in bf16, the encoder recomputed in backward) gives
+    the fp32 gradients to bf16 accuracy, and leaves torch's global SDPA setting as it found it."""
     model = tiny().train()
     tokens, neighbors = random_batch()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = F.cross_entropy(model(tokens, neighbors).flatten(0, 1).float(), tokens.flatten())
-    loss.backward()
-    assert torch.isfinite(loss)
+
+    def grads(bf16: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(tokens, neighbors).flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        assert torch.isfinite(loss)
+        return torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    assert F.cosine_similarity(grads(True), grads(False), dim=0) > 0.99
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
 def test_kv_cache_matches_full_forward():

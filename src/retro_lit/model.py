@@ -35,6 +35,7 @@ layer from layer 6" in a 12-layer model is ca_layers={5, 8, 11}.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -199,6 +201,26 @@ class FeedForward(nn.Module):
             return self.drop(GeluLinear.apply(h, self.down.weight, self.down.bias, dtype))  # (..., D)
 
 
+@contextlib.contextmanager
+def short_attention(x: Tensor):
+    """Run the short attentions (encoder: R keys, CCA: K*R keys) inside this. Under bf16 on CPU, SDPA's flash
+    kernel is 2-4x slower there than its math kernel kept in bf16 (benchmarks/README.md): route SDPA to the
+    math kernel and let it skip its float32 copies of q, k, v (a global torch setting, hence set and restored
+    here, in eager code: torch.compile'd layers called inside bake it in). Scores and probabilities are then
+    held in bf16, as in any bf16 model without a fused kernel; matmuls accumulate and softmax reduces in
+    float32. Elsewhere (GPU, float32, float32 KV caches) this changes nothing."""
+    if x.device.type != "cpu" or compute_dtype(x) != torch.bfloat16:
+        yield
+        return
+    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # (the setting is not CUDA-only)
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+
+
 def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
     """Turn a key-validity mask (N, S) into an SDPA mask (N, 1, 1, S) that never leaves a row empty
     (an all-masked row makes SDPA return NaN); also return which rows had any valid key (N,)."""
@@ -285,11 +307,13 @@ class NearestNeighborEncoder(nn.Module):
         rope_m = rope_cos_sin(pos_r[: cond.shape[1]], self.head_dim, self.rope_base)  # chunk token j at j
         mask = None if bool(valid.all()) else safe_key_mask(valid)[0]  # (N, 1, 1, R)
         x = self.proj_in(neighbors)  # (N, R, E)
-        for layer in self.layers:
-            if self.recompute and torch.is_grad_enabled():  # save only layer inputs; redo in backward
-                x = checkpoint(layer, x, cond, rope_r, rope_kr, rope_m, mask, use_reentrant=False)
-            else:
-                x = layer(x, cond, rope_r, rope_kr, rope_m, mask)
+        with short_attention(x):
+            for layer in self.layers:
+                if self.recompute and torch.is_grad_enabled():  # save only layer inputs; redo in backward
+                    x = checkpoint(layer, x, cond, rope_r, rope_kr, rope_m, mask, use_reentrant=False,
+                                   context_fn=lambda: (contextlib.nullcontext(), short_attention(x)))
+                else:
+                    x = layer(x, cond, rope_r, rope_kr, rope_m, mask)
         return self.norm_out(x)
 
 
@@ -337,7 +361,8 @@ class ChunkedCrossAttention(nn.Module):
         k, v = (t_[:, chunk].flatten(0, 1) for t_ in kv)  # (B*Lb, H, K*R, Dh)
         mask, has_any = safe_key_mask((valid[:, chunk] & has_memory[None, :, None]).flatten(0, 1))
         q_rope = rope_cos_sin(q_pos + M - 1, self.head_dim, self.rope_base)  # attending token i at M-1+i
-        out = self.attn.attend(queries, k, v, q_rope, mask=mask)  # (B*Lb, M or ta, D)
+        with short_attention(queries):
+            out = self.attn.attend(queries, k, v, q_rope, mask=mask)  # (B*Lb, M or ta, D)
         out = out * has_any[:, None, None].to(out.dtype)
         out = out.reshape(B, -1, D)[:, lead: lead + ta] if n_blocks > 1 else out  # (B, ta, D)
         return torch.cat([x.new_zeros(B, first - start, D), out], dim=1)  # left-pad: (B, t, D)
