@@ -35,7 +35,7 @@ from retro_lit.corpus import iter_documents
 from retro_lit.database import build_summary, build_workspace, open_workspace, read_manifest
 from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.embedder import BERTForChunkEmbeddings
-from retro_lit.malloc import tuned_env
+from retro_lit.malloc import allocator_env
 
 log = logging.getLogger("build_db")
 CHARS_PER_TOKEN = 4.0  # rough, for picking the subsets; the real token counts are reported
@@ -116,7 +116,7 @@ def run_child(corpus: Path, workspace: Path, measure_raw: bool, extra: tuple[str
     ]
     out = subprocess.run(
         cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True,
-        env=tuned_env(),  # glibc malloc as `retro-lit build-db` runs with (retro_lit.malloc)
+        env=allocator_env(),  # the allocator `retro-lit build-db` runs with (retro_lit.malloc)
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

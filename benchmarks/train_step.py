@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from retro_lit.malloc import tuned_env
+from retro_lit.malloc import allocator_env
 from retro_lit.model import RetroConfig, RetroModel
 
 BENCH = RetroConfig(vocab_size=30522, chunk_size=64, d_model=512, n_layer=6, n_head=8, head_dim=64, d_ff=2048,
@@ -145,7 +145,7 @@ def main():
         for name in ["retro_lit"] + ["retro_lit+compile"] * args.compile + ["lucidrains"] * args.reference:
             out = subprocess.run([sys.executable, __file__, "--child", name, "--precision", precision,
                                   "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                                 check=True, capture_output=True, text=True, env=tuned_env())  # glibc malloc as `retro-lit` runs
+                                 check=True, capture_output=True, text=True, env=allocator_env())  # mimalloc, as `retro-lit` runs
             results[name, precision] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"train step at the shared configuration, batch {BATCH} x seq {SEQ}, k {K}, 2 threads, "
           f"{next(iter(results.values()))['params'] / 1e6:.1f}M parameters")

@@ -55,26 +55,28 @@ def read_metrics(run_dir, version):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables")
-def test_process_restarts_itself_once_with_malloc_tunables_and_keeps_a_users_own():
-    from retro_lit.malloc import TUNABLES
-    code = ("import os; from retro_lit.malloc import reexec_with_tunables; reexec_with_tunables(); "
-            "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
+def test_process_restarts_itself_once_with_mimalloc_and_keeps_a_users_allocator():
+    from retro_lit.malloc import mimalloc_path
+    code = ("import os; from retro_lit.malloc import reexec_with_allocator; reexec_with_allocator(); "
+            "maps = open('/proc/self/maps').read(); "
+            "print(os.getpid(), 'libmimalloc' in maps, os.environ.get('LD_PRELOAD'))")
 
     def run(**env):
-        base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
+        base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**base, **env})
         out, _ = proc.communicate(timeout=60)  # a restart loop would never print
-        pid, tunables = out.split(maxsplit=1)
+        pid, loaded, preload = out.split(maxsplit=2)
         assert int(pid) == proc.pid  # exec: the same process
-        return tunables.strip()
+        return loaded == "True", preload.strip()
 
-    if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-        pytest.skip("not glibc")
-    assert run() == TUNABLES
-    assert run(GLIBC_TUNABLES="glibc.rtld.optional_static_tls=4096") == "glibc.rtld.optional_static_tls=4096:" + TUNABLES
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "glibc.malloc.arena_max=2"
-    assert run(MALLOC_MMAP_THRESHOLD_="1048576") == "None"
+    path = mimalloc_path()
+    assert path is not None  # a dependency of retro_lit on Linux
+    assert run() == (True, path)
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (False, "None")  # the user's own malloc choice
+    assert run(MALLOC_MMAP_THRESHOLD_="1048576") == (False, "None")
+    jemalloc = "/nonexistent/libjemalloc.so.2"  # (the loader skips a missing preload with a warning)
+    assert run(LD_PRELOAD=jemalloc) == (False, jemalloc)
 
 
 def test_help_lists_every_command(capsys):

@@ -1,13 +1,13 @@
-"""`retro-lit` and `python -m retro_lit`: tune glibc malloc (see retro_lit.malloc) before the heavy
+"""`retro-lit` and `python -m retro_lit`: restart with mimalloc (see retro_lit.malloc) before the heavy
 imports, then run the CLI."""
 
 import sys
 
-from retro_lit.malloc import reexec_with_tunables
+from retro_lit.malloc import reexec_with_allocator
 
 
 def main() -> int:
-    reexec_with_tunables()
+    reexec_with_allocator()
     from retro_lit.cli import main as cli_main
 
     return cli_main()

@@ -104,7 +104,7 @@ def default_wandb_mode() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point `retro-lit`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    fix_mmap_threshold()  # `retro-lit` itself was started with the full malloc tunables (retro_lit.__main__)
+    fix_mmap_threshold()  # (a no-op in `retro-lit` itself, which retro_lit.__main__ started with mimalloc)
     default_wandb_mode()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

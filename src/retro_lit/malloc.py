@@ -1,53 +1,64 @@
-"""glibc malloc settings for training and embedding processes.
+"""The memory allocator of training and embedding processes.
 
-Both free and re-allocate large activation blocks every step. glibc's adaptive mmap threshold soon serves
-them from its heap, which keeps what is freed, so RSS climbs far above what is live. A fixed 4 MiB threshold
-returns them to the OS on free; each is then a fresh mapping the kernel pages in on first touch, and
-transparent huge pages (`glibc.malloc.hugetlb=1`, where the kernel's THP mode is `madvise` or `always`) do
-that 2 MiB rather than 4 KiB at a time: on the benchmark VM a bf16 training step runs ~10 % and the MiniLM
-embedder 0-30 % faster than with the threshold alone, at the same peak RSS (benchmarks/README.md).
+Both free and re-allocate large activation blocks every step. glibc's malloc either keeps them in its heap
+(its adaptive mmap threshold: RSS climbs far above what is live) or, with a fixed threshold, hands each back
+to the OS, which must then page ~6 GB per training step back in (1.5 M page faults at the benchmark
+configuration, a third of the step spent in the kernel). mimalloc (PyPI `cmeel-mimalloc`) reuses freed blocks
+and returns what stays unused for a few milliseconds: on the benchmark VM a bf16 training step runs ~1.3x and
+the MiniLM embedder ~1.15x faster than with glibc tuned for memory, at the same peak RSS
+(benchmarks/README.md).
 
-glibc reads its tunables only at start-up, so the `retro-lit` command re-executes itself with them (same pid,
-same arguments) before it imports anything heavy; an in-process `retro_lit.cli.main([...])` can only fix the
-threshold. A user's own `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*` tunables are left alone.
+An allocator is chosen when a process starts, so the `retro-lit` command re-executes itself once with
+mimalloc in LD_PRELOAD (same pid, same arguments) before it imports anything heavy. Where that cannot happen
+(an in-process `retro_lit.cli.main([...])`, a notebook), glibc's fixed 4 MiB mmap threshold at least keeps
+RSS near what is live. A user's own LD_PRELOAD allocator, `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*`
+tunables are left alone.
 """
 
 import ctypes
+import importlib.metadata
 import os
 import sys
 
-TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
-
 
 def _user_tuned(env) -> bool:
-    return "MALLOC_MMAP_THRESHOLD_" in env or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+    return ("malloc" in env.get("LD_PRELOAD", "") or "MALLOC_MMAP_THRESHOLD_" in env
+            or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))
 
 
-def _ours_to_tune() -> bool:
-    """glibc's malloc, and the user has not tuned it."""
+def mimalloc_path() -> str | None:
+    """The mimalloc shared library shipped by cmeel-mimalloc (a Linux dependency of retro_lit), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (ValueError, OSError, AttributeError):  # no such confstr name: not glibc
-        return False
-    return glibc and not _user_tuned(os.environ)
+        files = importlib.metadata.files("cmeel-mimalloc") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    paths = [str(f.locate()) for f in files if f.name.startswith("libmimalloc.so")]
+    return min(paths, key=len) if paths else None  # libmimalloc.so (the others are the same file, versioned)
 
 
-def tuned_env(env=None) -> dict:
-    """A copy of `env` (default: os.environ) with TUNABLES added, for a child process."""
+def allocator_env(env=None) -> dict:
+    """A copy of `env` (default: os.environ) that starts a child process with mimalloc preloaded."""
     env = dict(os.environ if env is None else env)
-    if not _user_tuned(env):
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), TUNABLES]))
+    path = mimalloc_path()
+    if path and not _user_tuned(env):
+        env["LD_PRELOAD"] = ":".join(filter(None, [path, env.get("LD_PRELOAD")]))
     return env
 
 
-def reexec_with_tunables() -> None:
-    """Replace this process by itself started with TUNABLES, unless malloc is tuned already or not glibc's."""
-    if _ours_to_tune():
+def reexec_with_allocator() -> None:
+    """Replace this process by itself started with mimalloc, unless an allocator is chosen already."""
+    if not _user_tuned(os.environ) and mimalloc_path():
         sys.stdout.flush()
-        os.execve(sys.executable, sys.orig_argv, tuned_env())
+        os.execve(sys.executable, sys.orig_argv, allocator_env())
 
 
 def fix_mmap_threshold() -> None:
-    """In-process fallback for a running interpreter: the mmap threshold can still be set (huge pages cannot)."""
-    if _ours_to_tune():
+    """In-process fallback for a running interpreter on glibc's malloc: a fixed 4 MiB mmap threshold."""
+    try:
+        glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # no such confstr name: not glibc
+        return
+    if glibc and not _user_tuned(os.environ):
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3 = M_MMAP_THRESHOLD
