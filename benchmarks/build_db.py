@@ -116,7 +116,7 @@ def run_child(corpus: Path, workspace: Path, measure_raw: bool, extra: tuple[str
     ]
     out = subprocess.run(
         cmd + (["--measure_raw"] if measure_raw else []), check=True, stdout=subprocess.PIPE, text=True,
-        env=allocator_env(),  # the allocator `retro-lit build-db` runs with (retro_lit.malloc)
+        env=allocator_env(streaming=True),  # the allocator `retro-lit build-db` runs with (retro_lit.malloc)
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -55,28 +55,33 @@ def read_metrics(run_dir, version):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
-def test_process_restarts_itself_once_with_mimalloc_and_keeps_a_users_allocator():
-    from retro_lit.malloc import mimalloc_path
-    code = ("import os; from retro_lit.malloc import reexec_with_allocator; reexec_with_allocator(); "
-            "maps = open('/proc/self/maps').read(); "
-            "print(os.getpid(), 'libmimalloc' in maps, os.environ.get('LD_PRELOAD'))")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD, glibc tunables")
+def test_process_restarts_itself_once_with_its_allocator_and_keeps_a_users_own():
+    from retro_lit.malloc import STREAMING_TUNABLES, mimalloc_path
 
-    def run(**env):
+    def run(streaming=False, **env):
+        code = (f"import os; from retro_lit.malloc import reexec_with_allocator; reexec_with_allocator({streaming}); "
+                "mimalloc = 'libmimalloc' in open('/proc/self/maps').read(); "
+                "print(os.getpid(), mimalloc, os.environ.get('LD_PRELOAD'), os.environ.get('GLIBC_TUNABLES'))")
         base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_")}
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**base, **env})
         out, _ = proc.communicate(timeout=60)  # a restart loop would never print
-        pid, loaded, preload = out.split(maxsplit=2)
+        pid, loaded, preload, tunables = out.split()
         assert int(pid) == proc.pid  # exec: the same process
-        return loaded == "True", preload.strip()
+        return loaded == "True", preload, tunables
 
+    if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        pytest.skip("not glibc")
     path = mimalloc_path()
     assert path is not None  # a dependency of retro_lit on Linux
-    assert run() == (True, path)
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (False, "None")  # the user's own malloc choice
-    assert run(MALLOC_MMAP_THRESHOLD_="1048576") == (False, "None")
+    assert run() == (True, path, "None")  # training and the rest: mimalloc
+    assert run(streaming=True) == (False, "None", STREAMING_TUNABLES)  # build-db: glibc, tuned
+    assert run(streaming=True, GLIBC_TUNABLES="glibc.rtld.optional_static_tls=4096") == (
+        False, "None", "glibc.rtld.optional_static_tls=4096:" + STREAMING_TUNABLES)
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (False, "None", "glibc.malloc.arena_max=2")  # the user's
+    assert run(streaming=True, MALLOC_MMAP_THRESHOLD_="1048576") == (False, "None", "None")
     jemalloc = "/nonexistent/libjemalloc.so.2"  # (the loader skips a missing preload with a warning)
-    assert run(LD_PRELOAD=jemalloc) == (False, jemalloc)
+    assert run(LD_PRELOAD=jemalloc) == (False, jemalloc, "None")
 
 
 def test_help_lists_every_command(capsys):

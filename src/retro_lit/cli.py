@@ -104,7 +104,7 @@ def default_wandb_mode() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point `retro-lit`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
-    fix_mmap_threshold()  # (a no-op in `retro-lit` itself, which retro_lit.__main__ started with mimalloc)
+    fix_mmap_threshold()  # (a no-op in `retro-lit` itself: retro_lit.__main__ chose its allocator at start-up)
     default_wandb_mode()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,18 +1,21 @@
-"""The memory allocator of training and embedding processes.
+"""The memory allocator of `retro-lit` processes, chosen per workload.
 
-Both free and re-allocate large activation blocks every step. glibc's malloc either keeps them in its heap
-(its adaptive mmap threshold: RSS climbs far above what is live) or, with a fixed threshold, hands each back
-to the OS, which must then page ~6 GB per training step back in (1.5 M page faults at the benchmark
-configuration, a third of the step spent in the kernel). mimalloc (PyPI `cmeel-mimalloc`) reuses freed blocks
-and returns what stays unused for a few milliseconds: on the benchmark VM a bf16 training step runs ~1.3x and
-the MiniLM embedder ~1.15x faster than with glibc tuned for memory, at the same peak RSS
-(benchmarks/README.md).
+Training and embedding free and re-allocate large blocks every step. glibc's malloc either keeps them in its
+heap (its adaptive mmap threshold: RSS climbs far above what is live) or, with a fixed threshold, hands each
+back to the OS, which must then page it in again: ~6 GB and 1.5 M page faults per training step at the
+benchmark configuration, a third of the step spent in the kernel.
 
-An allocator is chosen when a process starts, so the `retro-lit` command re-executes itself once with
-mimalloc in LD_PRELOAD (same pid, same arguments) before it imports anything heavy. Where that cannot happen
-(an in-process `retro_lit.cli.main([...])`, a notebook), glibc's fixed 4 MiB mmap threshold at least keeps
-RSS near what is live. A user's own LD_PRELOAD allocator, `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*`
-tunables are left alone.
+- Training, evaluation, generation (every command but `build-db`): mimalloc (PyPI `cmeel-mimalloc`) reuses
+  freed blocks and returns what stays unused for a few milliseconds: a bf16 training step ~1.3x faster than
+  glibc tuned for memory, at the same peak RSS.
+- `build-db` streams a corpus of any size, and its peak RSS must not grow with it: glibc with a fixed 4 MiB
+  mmap threshold plus transparent huge pages (the kernel pages 2 MiB at a time) keeps the large ÷ small build
+  peak at 1.09, where mimalloc's retention gives 1.13, though it embeds faster (benchmarks/README.md).
+
+An allocator is chosen when a process starts, so the `retro-lit` command re-executes itself once with it
+(same pid, same arguments) before it imports anything heavy. Where that cannot happen (an in-process
+`retro_lit.cli.main([...])`, a notebook), the fixed mmap threshold at least keeps RSS near what is live.
+A user's own LD_PRELOAD allocator, `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*` tunables are left alone.
 """
 
 import ctypes
@@ -20,10 +23,19 @@ import importlib.metadata
 import os
 import sys
 
+STREAMING_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
+
 
 def _user_tuned(env) -> bool:
     return ("malloc" in env.get("LD_PRELOAD", "") or "MALLOC_MMAP_THRESHOLD_" in env
             or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))
+
+
+def _glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # no such confstr name: not glibc
+        return False
 
 
 def mimalloc_path() -> str | None:
@@ -38,27 +50,28 @@ def mimalloc_path() -> str | None:
     return min(paths, key=len) if paths else None  # libmimalloc.so (the others are the same file, versioned)
 
 
-def allocator_env(env=None) -> dict:
-    """A copy of `env` (default: os.environ) that starts a child process with mimalloc preloaded."""
+def allocator_env(env=None, streaming: bool = False) -> dict:
+    """A copy of `env` (default: os.environ) that starts a child process with the allocator for its workload:
+    glibc tuned for streaming (`build-db`) or mimalloc (everything else)."""
     env = dict(os.environ if env is None else env)
-    path = mimalloc_path()
-    if path and not _user_tuned(env):
-        env["LD_PRELOAD"] = ":".join(filter(None, [path, env.get("LD_PRELOAD")]))
+    if _user_tuned(env):
+        return env
+    if streaming and _glibc():
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STREAMING_TUNABLES]))
+    elif not streaming and mimalloc_path():
+        env["LD_PRELOAD"] = ":".join(filter(None, [mimalloc_path(), env.get("LD_PRELOAD")]))
     return env
 
 
-def reexec_with_allocator() -> None:
-    """Replace this process by itself started with mimalloc, unless an allocator is chosen already."""
-    if not _user_tuned(os.environ) and mimalloc_path():
+def reexec_with_allocator(streaming: bool = False) -> None:
+    """Replace this process by itself started with allocator_env(streaming=...), unless that changes nothing."""
+    env = allocator_env(streaming=streaming)
+    if env != dict(os.environ):
         sys.stdout.flush()
-        os.execve(sys.executable, sys.orig_argv, allocator_env())
+        os.execve(sys.executable, sys.orig_argv, env)
 
 
 def fix_mmap_threshold() -> None:
     """In-process fallback for a running interpreter on glibc's malloc: a fixed 4 MiB mmap threshold."""
-    try:
-        glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (ValueError, OSError, AttributeError):  # no such confstr name: not glibc
-        return
-    if glibc and not _user_tuned(os.environ):
+    if _glibc() and not _user_tuned(os.environ):
         ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # -3 = M_MMAP_THRESHOLD
