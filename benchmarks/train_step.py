@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import resource
 import statistics
 import subprocess

@@ -56,10 +56,11 @@ def allocator_env(env=None, streaming: bool = False) -> dict:
     env = dict(os.environ if env is None else env)
     if _user_tuned(env):
         return env
-    if streaming and _glibc():
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STREAMING_TUNABLES]))
-    elif not streaming and mimalloc_path():
-        env["LD_PRELOAD"] = ":".join(filter(None, [mimalloc_path(), env.get("LD_PRELOAD")]))
+    if streaming:
+        if _glibc():
+            env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), STREAMING_TUNABLES]))
+    elif path := mimalloc_path():
+        env["LD_PRELOAD"] = ":".join(filter(None, [path, env.get("LD_PRELOAD")]))
     return env
 
 
