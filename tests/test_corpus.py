@@ -94,3 +94,25 @@ def test_fingerprint_follows_content(tmp_path):
     assert corpus_fingerprint(path) == first
     path.write_text("abd", encoding="utf-8")
     assert corpus_fingerprint(path) != first
+
+
+def test_python_stdlib_is_one_document_per_source_file_without_tests():
+    docs = {d.name: d.text for d in iter_documents("python-stdlib:json,email")}
+    assert "json/decoder.py" in docs and "email/message.py" in docs
+    assert not any(name.startswith(("test/", "site-packages/")) or "/tests/" in name for name in docs)
+    assert all(text.strip() for text in docs.values())  # empty __init__.py files are left out
+    assert set(name.split("/")[0] for name in docs) == {"json", "email"}
+    assert corpus_fingerprint("python-stdlib:json") != corpus_fingerprint("python-stdlib:email")
+    with pytest.raises(RetroDataError, match="python-stdlib:nope"):
+        list(iter_documents("python-stdlib:nope"))
+
+
+def test_near_duplicate_training_documents_are_found():
+    rng = np.random.default_rng(0)
+    words = [" ".join(f"w{i}" for i in rng.integers(0, 5000, 400)) for _ in range(4)]
+    edited = words[0].split()
+    edited[200] = "changed"  # one word of 400: 13 of ~388 13-grams differ, Jaccard ~0.94
+    texts = [words[0], " ".join(edited), words[1], words[2], words[3] + " " + words[2]]
+    labels = np.array([2, 0, 0, 1, 0], dtype=np.int8)  # 0 test, 1 near-copy of it (train), 2 other, 3 val, 4 half
+    drop = corpus.near_duplicate_train_documents(texts, labels, threshold=0.8)
+    assert drop.tolist() == [False, True, False, False, False]  # held-out ones are never dropped; 4 is ~0.5

