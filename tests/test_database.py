@@ -113,6 +113,42 @@ def test_no_neighbor_from_a_document_of_the_query_window(built):
         assert ((nbrs < lo[:, None]) | (nbrs >= hi[:, None])).all()
 
 
+def test_no_neighbor_holds_a_target_of_its_window(built):
+    """The tokens a window predicts run into the first token of the chunk after it: that chunk (which may open
+    another document) is excluded too, and no neighbour's continuation reaches into the window either."""
+    ws = open_workspace(built[0])
+    L = T // M
+    for split in ("train", "val", "test"):
+        first, end = ws.split_range(split)
+        nbrs = ws.neighbors(split, K, T)
+        lo, hi = excluded_ranges(ws, split, T)
+        for c in range(first, end):
+            window_start = first + (c - first) // L * L
+            predicted = set(range(window_start, min(window_start + L + 1, end)))  # chunks holding targets
+            assert predicted <= set(range(lo[c - first], hi[c - first]))
+            for n in nbrs[c - first][nbrs[c - first] >= 0]:
+                has_next = n + 1 < len(ws.chunks) and ws.chunk_doc[n + 1] == ws.chunk_doc[n]
+                assert not ({n, n + 1} if has_next else {n}) & predicted
+
+
+def test_training_documents_that_near_duplicate_held_out_ones_are_left_out(tmp_path, embedder):
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(80)) for _ in range(20)]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(docs + docs):  # every document twice: doc i and its twin 20 + i
+        (corpus / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
+    kept = open_workspace(build(tmp_path / "ws", corpus, embedder, until="chunks"))
+    names = {d["name"]: d["split"] for d in kept.documents}
+    twin = lambda name: f"d{(int(name[1:3]) + 20) % 40:02d}.txt"  # noqa: E731
+    held_out = [n for n, split in names.items() if split != "train"]
+    assert held_out and all(names.get(twin(n), "gone") != "train" for n in held_out)
+    dropped = kept.manifest["counts"]["near_duplicates_dropped"]
+    assert sorted(dropped) == sorted(twin(n) for n in held_out if twin(n) not in names)
+    everything = open_workspace(build(tmp_path / "all", corpus, embedder, until="chunks", dedup_threshold=None))
+    assert len(everything.documents) == 40 and everything.manifest["counts"]["near_duplicates_dropped"] == []
+
+
 def test_neighbor_tokens_continuation_and_padding(built):
     ws = open_workspace(built[0])
     doc = next(d for d in ws.documents if ws.doc_offsets[d["doc"] + 1] - ws.doc_offsets[d["doc"]] >= 2)

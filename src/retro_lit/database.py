@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from retro_lit.corpus import SPLITS, RetroDataError, corpus_fingerprint, iter_documents, split_documents
+from retro_lit.corpus import (SPLITS, RetroDataError, corpus_fingerprint, iter_documents, near_duplicate_train_documents,
+                              split_documents)
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors, neighbors_path
@@ -189,25 +190,34 @@ def chunk_corpus(
     chunk_len: int = 64,
     split: tuple[float, float, float] = (0.9, 0.05, 0.05),
     seed: int = 0,
+    dedup_threshold: float | None = 0.8,
     quiet: bool = True,
 ) -> tuple[list[Path], dict]:
-    """Stage 1: documents -> tokens -> chunks. Returns (paths written, manifest fields: splits, counts)."""
+    """Stage 1: documents -> tokens -> chunks. Returns (paths written, manifest fields: splits, counts).
+    Training documents near-duplicating a held-out one (13-gram Jaccard >= dedup_threshold; None keeps all)
+    are left out of the workspace."""
     root = Path(workspace)
     names = [doc.name for doc in tqdm(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
     labels = split_documents(len(names), split, seed)  # (n_docs,) int8 split of each doc, corpus order
+    drop = np.zeros(len(names), dtype=bool)
+    if dedup_threshold is not None:
+        drop = near_duplicate_train_documents((doc.text for doc in iter_documents(corpus)), labels, dedup_threshold)
+        log.info("near-duplicates: %d training documents left out (13-gram Jaccard >= %g to a held-out one)",
+                 drop.sum(), dedup_threshold)
     if tokenizer.startswith("bpe:"):
-        train_texts = (doc.text for doc, label in zip(iter_documents(corpus), labels) if label == 0)
+        train_texts = (doc.text for doc, label, d in zip(iter_documents(corpus), labels, drop) if label == 0 and not d)
         lm_tokenizer = train_bpe(train_texts, tokenizer)
     else:
         lm_tokenizer = load_tokenizer(tokenizer)
     dtype = np.uint16 if lm_tokenizer.vocab_size <= 1 << 16 else np.uint32
     tmp_tokens = root / "tokens.bin.tmp"
-    n_tokens = _tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, len(names), quiet)  # (n_docs,)
+    n_tokens = _tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
     if n_tokens.sum() < chunk_len:
         tmp_tokens.unlink()
         raise RetroDataError(f"the corpus has {n_tokens.sum()} tokens, shorter than one chunk ({chunk_len})")
 
-    order = np.argsort(labels, kind="stable")  # train docs, then val, then test; corpus order inside
+    kept = np.flatnonzero(~drop)
+    order = kept[np.argsort(labels[kept], kind="stable")]  # train docs, then val, then test; corpus order inside
     doc_chunks = -(-n_tokens[order] // chunk_len)  # (n_docs,) chunks of each doc, chunk order
     doc_offsets = np.concatenate([[0], np.cumsum(doc_chunks)]).astype(np.int64)  # (n_docs + 1,)
     n_chunks = int(doc_offsets[-1])
@@ -243,14 +253,15 @@ def chunk_corpus(
         os.replace(path.with_name(path.name + ".tmp"), path)
     tmp_tokens.unlink()
 
-    split_docs = np.bincount(labels, minlength=3)
+    split_docs = np.bincount(labels[kept], minlength=3)
     first_doc = np.concatenate([[0], np.cumsum(split_docs)])
     splits = {
         name: [int(doc_offsets[first_doc[i]]), int(doc_offsets[first_doc[i + 1]])]
         for i, name in enumerate(SPLITS)
     }
     counts = {
-        "documents": len(names),
+        "documents": len(kept),
+        "near_duplicates_dropped": [names[i] for i in np.flatnonzero(drop)],
         "chunks": n_chunks,
         "tokens": int(n_tokens.sum()),
         "vocab_size": lm_tokenizer.vocab_size,
@@ -265,14 +276,16 @@ def chunk_corpus(
 
 
 def _tokenize_to_file(
-    corpus, tokenizer: LMTokenizer, path: Path, dtype, n_docs: int, quiet: bool
+    corpus, tokenizer: LMTokenizer, path: Path, dtype, drop: np.ndarray, quiet: bool
 ) -> np.ndarray:
-    """Append every document's tokens to a flat file; returns (n_docs,) token counts, corpus order."""
+    """Append every kept document's tokens to a flat file; returns (n_docs,) token counts, corpus order
+    (0 for a dropped document)."""
+    n_docs = len(drop)
     counts = np.zeros(n_docs, dtype=np.int64)
     i, batch, chars = 0, [], 0
     with open(path, "wb") as f, tqdm(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
         for doc in iter_documents(corpus):
-            batch.append(doc.text)
+            batch.append("" if i + len(batch) < n_docs and drop[i + len(batch)] else doc.text)
             chars += len(doc.text)
             if chars >= _TOKENIZE_BATCH_CHARS:
                 i = _write_tokens(tokenizer, batch, f, counts, i, dtype)
@@ -361,6 +374,7 @@ def build_workspace(
     seq_len: int = 2048,
     split: tuple[float, float, float] = (0.9, 0.05, 0.05),
     seed: int = 0,
+    dedup_threshold: float | None = 0.8,
     batch_size: int = 128,
     block_size: int = 16384,
     until: str = "neighbors",
@@ -400,6 +414,7 @@ def build_workspace(
         "index": index,
         "split": list(split),
         "seed": seed,
+        "dedup_threshold": dedup_threshold,
         "block_size": block_size,
     }
     manifest = _start_manifest(root, settings)
@@ -418,7 +433,8 @@ def build_workspace(
 
     def run_chunks() -> dict:
         paths, fields = chunk_corpus(
-            root, corpus, tokenizer=tokenizer, chunk_len=chunk_len, split=split, seed=seed, quiet=quiet
+            root, corpus, tokenizer=tokenizer, chunk_len=chunk_len, split=split, seed=seed,
+            dedup_threshold=dedup_threshold, quiet=quiet,
         )
         manifest.update(fields)
         return {"files": [p.name for p in paths]}
@@ -504,6 +520,7 @@ def build_summary(
     summary = {
         "workspace": str(root),
         "documents": manifest["counts"]["documents"],
+        "near_duplicates_dropped": len(manifest["counts"].get("near_duplicates_dropped", [])),
         "chunks": manifest["counts"]["chunks"],
         "tokens": manifest["counts"]["tokens"],
         "embedding_chunks_per_s": stages["embeddings"]["chunks_per_s"],
@@ -552,6 +569,8 @@ def build_db_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of the documents")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document split and index sampling")
+    parser.add_argument("--dedup_threshold", type=float, default=0.8,
+                        help="leave out training documents with 13-gram Jaccard >= this to a held-out one; <= 0: keep all")
     parser.add_argument("--batch_size", type=int, default=128, help="embedder batch size")
     parser.add_argument(
         "--block_size", type=int, default=16384, help="chunks per embedding block / query part"
@@ -613,6 +632,7 @@ def build_db_main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             split=split,
             seed=args.seed,
+            dedup_threshold=args.dedup_threshold if args.dedup_threshold > 0 else None,
             batch_size=args.batch_size,
             block_size=args.block_size,
             quiet=args.quiet,
