@@ -4,7 +4,8 @@ Training sequences are chunk-aligned windows of L = T // M chunks inside a split
 neighbours may not come from any document that its window contains (not only its own document), so a
 training sequence never retrieves the tokens it predicts. Documents are contiguous in chunk order, so the
 excluded chunks of a window are one range [lo, hi): from the first chunk of the window's first document
-to the last chunk of its last document. The last partial window of a split is treated as a window too.
+to the last chunk of its last document, and the chunk right after the window (it holds the window's last
+target token, and may open another document). The last partial window of a split is treated as a window too.
 
 Output: `neighbors/k{K}_t{T}/<split>.npy`, (n_chunks_of_split, K) int64 global chunk ids, -1 = none.
 
@@ -51,6 +52,8 @@ def excluded_ranges(
     window_last = np.minimum(window_start + n_window, end) - 1
     lo = ws.doc_offsets[ws.chunk_doc[window_start]]
     hi = ws.doc_offsets[ws.chunk_doc[window_last] + 1]
+    # the window's last target is the first token of the chunk after it, which may open the next document
+    hi = np.maximum(hi, np.minimum(window_last + 2, end))
     return np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
 
 
