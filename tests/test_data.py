@@ -144,3 +144,40 @@ def test_neighbor_table(built):
     assert len(rows) == 3 and all(len(row) == len(columns) for row in rows)
     assert all(isinstance(row[1], str) and row[1] for row in rows)
     assert all(d is None or d >= 0 for row in rows for d in row[3::2])
+
+
+def test_copy_warmup_puts_the_sequence_own_text_in_the_last_slot(built):
+    ws = open_workspace(built["workspace"])
+    plain = RetroDataset(built["workspace"], "train", T, K)
+    copies = RetroDataset(built["workspace"], "train", T, K, copy_neighbor_rate=1.0, seed=3)
+    flat = np.asarray(ws.chunks, dtype=np.int64).reshape(-1)
+    for s in range(len(plain)):
+        a, b = plain[s].neighbors, copies[s].neighbors  # (L, K, R)
+        assert torch.equal(a[:, :-1], b[:, :-1])  # the other slots keep their retrieved neighbours
+        for u in range(L):
+            chunk = plain.first + s * L + u
+            doc = ws.chunk_doc[chunk]
+            got = b[u, -1].numpy()
+            # the copy is a window of its own document, shifted by at most M/2 from [chunk u, chunk u+1]
+            own = flat[ws.doc_offsets[doc] * M: ws.doc_offsets[doc + 1] * M]
+            own = np.where(own == ws.pad_id, -1, own)
+            offsets = [o for o in range(-(M // 2), M // 2 + 1)
+                       if np.array_equal(got, window(own, (chunk - ws.doc_offsets[doc]) * M + o, 2 * M))]
+            assert offsets, f"sequence {s} chunk {u}: not a shifted copy of its own text"
+    assert torch.equal(copies[0].neighbors, copies[0].neighbors)  # seeded: the same draw every time
+    val = RetroDataModule(**{**built, "copy_neighbor_rate": 1.0})
+    val.setup("fit")
+    assert val.datasets["val"].copy_neighbor_rate == 0.0 and val.datasets["train"].copy_neighbor_rate == 1.0
+
+
+def window(tokens: np.ndarray, start: int, size: int) -> np.ndarray:
+    """tokens[start:start+size], -1 where the window leaves the array."""
+    out = np.full(size, -1, dtype=np.int64)
+    lo, hi = max(start, 0), min(start + size, len(tokens))
+    out[lo - start: hi - start] = tokens[lo:hi]
+    return out
+
+
+def test_copy_rate_out_of_range_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="data.copy_neighbor_rate"):
+        RetroDataModule(str(tmp_path), copy_neighbor_rate=1.5)

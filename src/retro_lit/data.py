@@ -42,9 +42,11 @@ class RetroDataset(Dataset):
     workspace's memmaps on its first `__getitem__`.
     """
 
-    def __init__(self, workspace: str | Path, split: str, seq_len: int, num_neighbors: int):
+    def __init__(self, workspace: str | Path, split: str, seq_len: int, num_neighbors: int,
+                 copy_neighbor_rate: float = 0.0, seed: int = 0):
         self.workspace = Path(workspace)
         self.split, self.seq_len, self.num_neighbors = split, seq_len, num_neighbors
+        self.copy_neighbor_rate, self.seed = copy_neighbor_rate, seed
         ws = open_workspace(self.workspace)
         if seq_len % ws.chunk_len:
             raise RetroDataError(f"seq_len {seq_len} is not a multiple of the workspace chunk_len {ws.chunk_len}")
@@ -84,12 +86,37 @@ class RetroDataset(Dataset):
         targets[ignored] = IGNORE_INDEX
         ids = np.asarray(neighbor_ids[s * L : (s + 1) * L])  # (L, K) global chunk ids, -1 = none
         neighbors = ws.neighbor_tokens(ids)  # (L, K, R)
+        if self.copy_neighbor_rate > 0:
+            neighbors = self._with_copies(ws, neighbors, first, s)
         return RetroSample(
             torch.from_numpy(tokens),
             torch.from_numpy(targets),
             torch.as_tensor(neighbors, dtype=torch.int64),
             torch.from_numpy(target_bytes.astype(np.int64)),
         )
+
+
+    def _with_copies(self, ws, neighbors: np.ndarray, first: int, s: int) -> np.ndarray:
+        """Copy warm-up: for a `copy_neighbor_rate` share of the chunks, the last neighbour slot holds the
+        sequence's own text, [chunk, continuation] shifted by up to M/2 tokens either way (clipped to its
+        document). Natural neighbours at this scale rarely repeat the next chunk, so the copying pathway forms
+        slowly; these copies teach it, shifted so that it must match content rather than position, while the
+        other slots keep teaching when a neighbour is useless. Seeded by (seed, sequence): reproducible."""
+        rng = np.random.default_rng((self.seed, s))
+        M, L = self.chunk_len, self.chunks_per_seq
+        flat = ws.chunks.reshape(-1)  # (n_chunks * M,)
+        neighbors = neighbors.copy()
+        for u in np.flatnonzero(rng.random(L) < self.copy_neighbor_rate):
+            chunk = first + int(u)
+            doc = int(ws.chunk_doc[chunk])
+            doc_lo, doc_hi = int(ws.doc_offsets[doc]) * M, int(ws.doc_offsets[doc + 1]) * M  # token span
+            start = chunk * M + int(rng.integers(-(M // 2), M // 2 + 1))
+            lo, hi = max(start, doc_lo), min(start + 2 * M, doc_hi)
+            copy = np.full(2 * M, -1, dtype=np.int64)  # (R,)
+            copy[lo - start: hi - start] = flat[lo:hi]
+            copy[copy == ws.pad_id] = -1
+            neighbors[u, -1] = copy
+        return neighbors
 
 
 def _default_num_workers(devices: int) -> int:
@@ -113,6 +140,8 @@ class RetroDataModule(L.LightningDataModule):
         index: str = "auto",
         split: tuple[float, float, float] = (0.9, 0.05, 0.05),
         seed: int = 0,
+        dedup_threshold: float | None = 0.8,
+        copy_neighbor_rate: float = 0.0,
         batch_size: int = 8,
         num_workers: int | None = None,
         predict_split: str = "test",
@@ -130,7 +159,12 @@ class RetroDataModule(L.LightningDataModule):
             embedder: Frozen BERT for the retrieval keys (a name or path); None for the database default.
             index: faiss index factory string, or `auto` to choose by database size.
             split: Train, validation and test fractions of the documents.
-            seed: Seed of the document split.
+            seed: Seed of the document split (and of the copy warm-up's draws).
+            dedup_threshold: Leave out training documents whose 13-gram Jaccard similarity to a validation or test
+                document is at least this (the paper's hygiene, MinHash estimate); None keeps them all.
+            copy_neighbor_rate: Share of training chunks whose last neighbour is replaced by a shifted copy of
+                their own text and continuation (copy warm-up, docs/retrieval.md); 0 trains on retrieved
+                neighbours only. Validation and test always use the retrieved neighbours.
             batch_size: Global batch size, divided evenly among the devices.
             num_workers: DataLoader workers per device; None picks from the CPUs available.
             predict_split: Split that `predict` runs on.
@@ -142,6 +176,8 @@ class RetroDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len ({seq_len}) must be a positive multiple of data.chunk_size ({chunk_size})")
         if num_neighbors <= 0:
             raise ValueError(f"data.num_neighbors must be positive, got {num_neighbors}")
+        if not 0.0 <= copy_neighbor_rate <= 1.0:
+            raise ValueError(f"data.copy_neighbor_rate must be in [0, 1], got {copy_neighbor_rate}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         if predict_split not in SPLITS:
@@ -177,6 +213,7 @@ class RetroDataModule(L.LightningDataModule):
             seq_len=hp.seq_len,
             split=tuple(hp.split),
             seed=hp.seed,
+            dedup_threshold=hp.dedup_threshold,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -237,7 +274,9 @@ class RetroDataModule(L.LightningDataModule):
         return columns, rows
 
     def _dataset(self, split: str) -> RetroDataset:
-        ds = RetroDataset(self.hparams.workspace, split, self.hparams.seq_len, self.hparams.num_neighbors)
+        hp = self.hparams
+        copy_rate = hp.copy_neighbor_rate if split == "train" else 0.0
+        ds = RetroDataset(hp.workspace, split, hp.seq_len, hp.num_neighbors, copy_rate, hp.seed)
         rank_zero_info(f"{split}: {len(ds)} sequences of {self.hparams.seq_len} tokens")
         if len(ds) == 0:
             raise RetroDataError(
