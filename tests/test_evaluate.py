@@ -116,6 +116,20 @@ def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks():
     assert table.count("\n") == 4 and "bpb(α=0.125)" in table and "chunks kept" in table
 
 
+def test_overlap_of_a_partial_last_chunk_is_relative_to_its_own_length():
+    """A document's 2-token last chunk that a neighbour copies whole has r(C) = 1, not 2/M."""
+    doc = EvalDocument("short", np.arange(1, 7))  # chunks [1 2 3 4], [5 6 - -]
+
+    def neighbors_of(doc, chunks):
+        found = np.full((len(chunks), K, R), V - 1)  # a token in no chunk
+        found[1, 0, :2] = [5, 6]
+        return found
+
+    result = evaluate_documents({"off": Scorer(tiny(), None)}, [doc], neighbors_of, np.ones(V), 16, M, leakage_k=K,
+                                alphas=(0.5, 1.0))
+    assert result["kept_fraction"] == {0.5: 0.5, 1.0: 1.0}
+
+
 def test_filtered_bpb():
     nats = np.array([1.0, 2.0, 3.0])
     n_bytes = np.array([1.0, 1.0, 2.0])

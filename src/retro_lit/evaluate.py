@@ -11,7 +11,8 @@ paper's leakage-filtered bpb(alpha) (§2.6).
   already in the database (the train split) skips neighbours from its own document; other text retrieves from
   the whole database. Retrieval ON at k uses the first k neighbours.
 - **bpb(alpha)**: for each evaluation chunk C, r(C) = (longest common contiguous token run between C and any of
-  its `leakage_k` neighbours, each neighbour chunk + continuation) / M. bpb(alpha) sums nats and bytes only over
+  its `leakage_k` neighbours, each neighbour chunk + continuation) / (tokens in C: M, or fewer for a document's
+  last chunk). bpb(alpha) sums nats and bytes only over
   the target tokens of chunks with r(C) <= alpha; the same chunks count for every model compared.
 - bits-per-byte = nats / ln 2 / UTF-8 bytes of the scored tokens (`tokenizer.token_bytes`); perplexity is per
   LM token.
@@ -267,7 +268,8 @@ def evaluate_documents(scorers: dict[str, Scorer], documents: Iterable[EvalDocum
         n_bytes.append(per_chunk(token_bytes[doc.tokens[1:]].astype(np.float64), M, len(chunks)))
         n_tokens.append(per_chunk(np.ones(len(doc.tokens) - 1), M, len(chunks)))
         if found is not None and leakage_k:
-            overlap.append(longest_common_substring(chunks, found[:, :leakage_k].numpy()) / M)
+            own_len = (chunks >= 0).sum(1)  # M, or fewer for a document's last chunk: a whole copy is r = 1
+            overlap.append(longest_common_substring(chunks, found[:, :leakage_k].numpy()) / own_len)
         else:
             overlap.append(np.zeros(len(chunks)))
     if not n_bytes:
