@@ -199,7 +199,7 @@ def tiny_workspace(tmp_path_factory):
 
 
 def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspace, tmp_path):
-    """r(C) uses the paper's 10 neighbours (§2.6) by default: the precomputed file holds 2, the other 8 are searched."""
+    """r(C) uses the paper's 10 neighbours (§2.6) by default: the precomputed file holds 2, 8 more are searched."""
     import json
 
     from retro_lit.evaluate import evaluate_main
@@ -217,7 +217,7 @@ def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspac
 
 
 def test_searched_neighbors_extend_the_precomputed_ones(tiny_workspace):
-    """Held-out text: the file's 2 then 8 searched are its 10 nearest chunks. Train text: never its own document."""
+    """Held-out text: the file's 2, then 8 searched, are its 10 nearest chunks. Train text: not its own document."""
     import faiss
 
     from retro_lit.database import open_workspace

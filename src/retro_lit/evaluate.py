@@ -11,10 +11,10 @@ paper's leakage-filtered bpb(alpha) (§2.6).
   already in the database (the train split) skips neighbours from its own document; other text retrieves from
   the whole database. Retrieval ON at k uses the first k neighbours.
 - **bpb(alpha)**: for each evaluation chunk C, r(C) = (longest common contiguous token run between C and any of
-  its `leakage_k` neighbours (the paper's 10 by default, whatever k the model reads; neighbours a precomputed file
-  lacks are searched in the workspace's index), each neighbour chunk + continuation) / (tokens in C: M, or fewer for a document's
-  last chunk). bpb(alpha) sums nats and bytes only over
-  the target tokens of chunks with r(C) <= alpha; the same chunks count for every model compared.
+  its `leakage_k` neighbours, each neighbour chunk + continuation) / (tokens in C: M, or fewer for a document's
+  last chunk). `leakage_k` is the paper's 10 by default, whatever k the model reads; neighbours a precomputed
+  file lacks are searched in the workspace's index. bpb(alpha) sums nats and bytes only over the target tokens
+  of chunks with r(C) <= alpha; the same chunks count for every model compared.
 - bits-per-byte = nats / ln 2 / UTF-8 bytes of the scored tokens (`tokenizer.token_bytes`); perplexity is per
   LM token.
 """
@@ -200,10 +200,10 @@ class LiveNeighbors:
 
 class PrecomputedNeighbors:
     """Neighbour tokens from a workspace's `neighbors/k{K}_t{T}/<split>.npy` (first k columns). For k > K (r(C)
-    compares 10 neighbours; files often hold 2), the file's K are followed by the k - K nearest other chunks, searched
-    in the workspace's faiss `index` with the chunks' stored keys (the keys the file was searched with). They follow
-    evaluation's exclusion rule: train-split text skips its own document, held-out text retrieves from the whole
-    database (the file itself skips, for train text, every document of the chunk's training window)."""
+    compares 10 neighbours; files often hold 2), the file's K are followed by the k - K nearest other chunks,
+    searched in the workspace's faiss `index` with the chunks' stored keys (those the file was searched with).
+    These follow evaluation's exclusion rule: train-split text skips its own document, held-out text retrieves
+    from the whole database (for train text the file itself skips every document of the training window)."""
 
     def __init__(self, ws, split: str, k: int, file_k: int, seq_len: int, index=None):
         from retro_lit.database import SPLIT_ALIASES
@@ -421,8 +421,8 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
     source = args.corpus or args.split
     documents = capped(corpus_documents(args.corpus, ws.tokenizer) if args.corpus else workspace_documents(ws, args.split),
                        args.max_tokens)
-    neighbors_of, how = choose_neighbors(ws, args.split, args.neighbor_source, max(ks), leakage_k, seq_len, str(device),
-                                         args.corpus)
+    neighbors_of, how = choose_neighbors(ws, args.split, args.neighbor_source, max(ks), leakage_k, seq_len,
+                                         str(device), args.corpus)
     total = count_windows(documents, seq_len, ws.chunk_len) * len(scorers)
     start = time.time()
     with tqdm(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet or not sys.stderr.isatty()) as bar, \
