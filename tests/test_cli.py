@@ -91,7 +91,7 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
         assert f"    {command} " in out
-    assert set(EXTRA_COMMANDS) == {"build-db", "generate", "evaluate", "demo"}
+    assert set(EXTRA_COMMANDS) == {"build-db", "generate", "evaluate", "diagnose", "demo"}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))

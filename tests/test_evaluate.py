@@ -116,6 +116,20 @@ def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks():
     assert table.count("\n") == 4 and "bpb(α=0.125)" in table and "chunks kept" in table
 
 
+def test_overlap_of_a_partial_last_chunk_is_relative_to_its_own_length():
+    """A document's 2-token last chunk that a neighbour copies whole has r(C) = 1, not 2/M."""
+    doc = EvalDocument("short", np.arange(1, 7))  # chunks [1 2 3 4], [5 6 - -]
+
+    def neighbors_of(doc, chunks):
+        found = np.full((len(chunks), K, R), V - 1)  # a token in no chunk
+        found[1, 0, :2] = [5, 6]
+        return found
+
+    result = evaluate_documents({"off": Scorer(tiny(), None)}, [doc], neighbors_of, np.ones(V), 16, M, leakage_k=K,
+                                alphas=(0.5, 1.0))
+    assert result["kept_fraction"] == {0.5: 0.5, 1.0: 1.0}
+
+
 def test_filtered_bpb():
     nats = np.array([1.0, 2.0, 3.0])
     n_bytes = np.array([1.0, 1.0, 2.0])
@@ -175,3 +189,56 @@ def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
     assert evaluate_main(["--ckpt_path", str(ckpt), "--workspace", str(ws_path), "--neighbors", "1", "--device", "cpu",
                           "--quiet", "--split", "test", "--neighbor_source", "random", "--out_dir", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"] == "random train chunks (control)"
+
+
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory):
+    from test_generate import build_tiny_workspace
+
+    return build_tiny_workspace(tmp_path_factory.mktemp("eval"))
+
+
+def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspace, tmp_path):
+    """r(C) uses the paper's 10 neighbours (§2.6) by default: the precomputed file holds 2, 8 more are searched."""
+    import json
+
+    from retro_lit.evaluate import evaluate_main
+
+    ws, ckpt, _ = tiny_workspace
+    base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1", "--device", "cpu", "--quiet",
+            "--out_dir", str(tmp_path)]
+    for split in ("test", "train"):
+        assert evaluate_main(base + ["--split", split]) == 0
+        result = json.loads((tmp_path / f"eval_{split}.json").read_text())
+        assert result["leakage_k"] == 10 and result["neighbors"] == "precomputed k2_t16 + 8 searched for r(C)"
+    assert evaluate_main(base + ["--split", "test", "--leakage_k", "2"]) == 0
+    result = json.loads((tmp_path / "eval_test.json").read_text())
+    assert result["leakage_k"] == 2 and result["neighbors"] == "precomputed k2_t16"
+
+
+def test_searched_neighbors_extend_the_precomputed_ones(tiny_workspace):
+    """Held-out text: the file's 2, then 8 searched, are its 10 nearest chunks. Train text: not its own document."""
+    import faiss
+
+    from retro_lit.database import open_workspace
+    from retro_lit.evaluate import PrecomputedNeighbors, workspace_documents
+    from retro_lit.index import index_files, load_index
+
+    ws = open_workspace(tiny_workspace[0])
+    index = load_index(index_files(ws.root, ws.manifest["stages"]["index"]))
+    n_train = ws.split_range("train")[1]
+    for split in ("test", "train"):
+        source = PrecomputedNeighbors(ws, split, k=10, file_k=2, seq_len=16, index=index)
+        first = ws.split_range(split)[0]
+        for doc in workspace_documents(ws, split):
+            lo, n = int(ws.doc_offsets[doc.doc_id]), -(-len(doc.tokens) // ws.chunk_len)
+            ids = source.neighbor_ids(doc, n)  # (C, 10)
+            assert ids.shape == (n, 10) and (ids >= 0).all() and all(len(set(row)) == 10 for row in ids.tolist())
+            np.testing.assert_array_equal(ids[:, :2], ws.neighbors(split, 2, 16)[lo - first:lo - first + n])
+            if split == "train":
+                assert (ws.chunk_doc[ids] != doc.doc_id).all()
+                continue
+            keys = ws.embeddings(lo, lo + n)  # (C, E)
+            exact, _ = faiss.knn(keys, ws.embeddings(0, n_train), 10)  # (C, 10) squared distances
+            found = ((keys[:, None] - ws.embeddings_at(ids.reshape(-1)).reshape(n, 10, -1)) ** 2).sum(-1)
+            np.testing.assert_allclose(np.sort(found, axis=1), exact, rtol=1e-4, atol=1e-5)

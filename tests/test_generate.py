@@ -81,6 +81,11 @@ def test_on_retrieval_reports_each_lookup():
     assert seen == [(0, (1, K, R)), (1, (1, K, R))] and tokens.shape == (1, 11)
 
 
+def test_retrieve_must_return_two_chunks_of_tokens():
+    with pytest.raises(ValueError, match=f"expected R = 2M = {R}.*got R = {M}"):
+        generate(tiny(), torch.randint(0, V, (1, 5)), lambda chunk: fake_retrieve(chunk)[..., :M], 4)
+
+
 class NoCacheModel(RetroModel):
     """Stands in for RETRO-fit models that cannot decode incrementally."""
 

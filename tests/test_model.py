@@ -140,6 +140,19 @@ def test_any_length_and_any_k():
         assert torch.isfinite(model(tokens, neighbors)).all()
 
 
+@pytest.mark.parametrize("given", [M, 2 * M + 1])
+def test_neighbors_of_other_than_two_chunks_are_refused(given):
+    """R = 2M (neighbour + continuation) is what CCA's positions assume: another R is an error naming both."""
+    model = tiny()
+    tokens, _ = random_batch()
+    neighbors = torch.randint(0, 50, (B, 4, K, given))
+    message = f"expected R = 2M = {R}.*got R = {given}"
+    with pytest.raises(ValueError, match=message):
+        model(tokens, neighbors)
+    with pytest.raises(ValueError, match=message):
+        model(tokens, neighbors, cache=model.new_cache(B, 16))
+
+
 def test_heads_times_dk_differs_from_d_model():
     """The original quick-start config: n_heads * d_k = 256 != d_model = 128."""
     encoder = NearestNeighborEncoder(chunk_len=M, n_layers=2, d_model=128, d_ff=256, n_heads=16, d_k=16, ca_layers={1})

@@ -1,5 +1,5 @@
 """The `retro-lit` command: LightningCLI's `fit`, `validate`, `test`, `predict` for `RetroLM` on a
-`RetroDataModule`, plus `build-db`, `generate`, `evaluate` and `demo`, which live in their own modules.
+`RetroDataModule`, plus `build-db`, `generate`, `evaluate`, `diagnose` and `demo`, which live in their own modules.
 
     retro-lit fit --config configs/tiny.yaml
     retro-lit fit --config configs/tiny.yaml --ckpt_path last          # resume
@@ -31,6 +31,7 @@ EXTRA_COMMANDS = {
     "build-db": ("retro_lit.database", "build_db_main", "Build or resume a retrieval database (workspace)."),
     "generate": ("retro_lit.generate", "generate_main", "Sample text with live retrieval from a checkpoint."),
     "evaluate": ("retro_lit.evaluate", "evaluate_main", "Bits-per-byte with retrieval on/off and bpb(alpha)."),
+    "diagnose": ("retro_lit.diagnose", "diagnose_main", "Does retrieval pay: copyable neighbours, CCA norms."),
     "demo": ("retro_lit.demo", "demo_main", "Shakespeare demo: build, train with and without retrieval, compare."),
 }
 

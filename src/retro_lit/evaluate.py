@@ -11,8 +11,10 @@ paper's leakage-filtered bpb(alpha) (§2.6).
   already in the database (the train split) skips neighbours from its own document; other text retrieves from
   the whole database. Retrieval ON at k uses the first k neighbours.
 - **bpb(alpha)**: for each evaluation chunk C, r(C) = (longest common contiguous token run between C and any of
-  its `leakage_k` neighbours, each neighbour chunk + continuation) / M. bpb(alpha) sums nats and bytes only over
-  the target tokens of chunks with r(C) <= alpha; the same chunks count for every model compared.
+  its `leakage_k` neighbours, each neighbour chunk + continuation) / (tokens in C: M, or fewer for a document's
+  last chunk). `leakage_k` is the paper's 10 by default, whatever k the model reads; neighbours a precomputed
+  file lacks are searched in the workspace's index. bpb(alpha) sums nats and bytes only over the target tokens
+  of chunks with r(C) <= alpha; the same chunks count for every model compared.
 - bits-per-byte = nats / ln 2 / UTF-8 bytes of the scored tokens (`tokenizer.token_bytes`); perplexity is per
   LM token.
 """
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
+LEAKAGE_K = 10  # neighbours compared for r(C), paper §2.6
 
 
 # ----------------------------------------------------------------------------- model level
@@ -196,16 +199,41 @@ class LiveNeighbors:
 
 
 class PrecomputedNeighbors:
-    """Neighbour tokens from a workspace's `neighbors/k{K}_t{T}/<split>.npy` (first k columns)."""
+    """Neighbour tokens from a workspace's `neighbors/k{K}_t{T}/<split>.npy` (first k columns). For k > K (r(C)
+    compares 10 neighbours; files often hold 2), the file's K are followed by the k - K nearest other chunks,
+    searched in the workspace's faiss `index` with the chunks' stored keys (those the file was searched with).
+    These follow evaluation's exclusion rule: train-split text skips its own document, held-out text retrieves
+    from the whole database (for train text the file itself skips every document of the training window)."""
 
-    def __init__(self, ws, split: str, k: int, file_k: int, seq_len: int):
-        self.ws, self.k = ws, k
+    def __init__(self, ws, split: str, k: int, file_k: int, seq_len: int, index=None):
+        from retro_lit.database import SPLIT_ALIASES
+
+        if k > file_k and index is None:
+            raise ValueError(f"{k} neighbours from a file of {file_k} need the faiss index to search the rest")
+        self.ws, self.k, self.index = ws, k, index
         self.ids = ws.neighbors(split, file_k, seq_len)  # (n_chunks_of_split, K)
         self.first = ws.split_range(split)[0]
+        self.exclude_own_doc = SPLIT_ALIASES.get(split, split) == "train"
 
     def __call__(self, doc: EvalDocument, chunks: np.ndarray) -> np.ndarray:
-        lo = int(self.ws.doc_offsets[doc.doc_id]) - self.first
-        return self.ws.neighbor_tokens(np.asarray(self.ids[lo:lo + len(chunks), : self.k]))  # (C, k, R)
+        return self.ws.neighbor_tokens(self.neighbor_ids(doc, len(chunks)))  # (C, k, R)
+
+    def neighbor_ids(self, doc: EvalDocument, n_chunks: int) -> np.ndarray:
+        """Global chunk ids (C, k) of the neighbours of the document's first n_chunks chunks, -1 = none."""
+        from retro_lit.index import search_excluding
+
+        first = int(self.ws.doc_offsets[doc.doc_id])  # global id of the document's first chunk
+        known = np.asarray(self.ids[first - self.first:first - self.first + n_chunks, : self.k])  # (C, <=k)
+        if known.shape[1] == self.k:
+            return known
+        own_lo, own_hi = (first, int(self.ws.doc_offsets[doc.doc_id + 1])) if self.exclude_own_doc else (0, 0)
+
+        def drop(rows: np.ndarray, i: np.ndarray) -> np.ndarray:  # (q, width): the file's ids, the own document
+            return (i[:, :, None] == known[rows, None, :]).any(-1) | ((i >= own_lo) & (i < own_hi))
+
+        keys = self.ws.embeddings(first, first + n_chunks)  # (C, E)
+        more, _ = search_excluding(self.index, keys, self.k - known.shape[1], drop)  # (C, k - K)
+        return np.concatenate([known, more], axis=1)  # (C, k)
 
 
 class RandomNeighbors:
@@ -267,7 +295,8 @@ def evaluate_documents(scorers: dict[str, Scorer], documents: Iterable[EvalDocum
         n_bytes.append(per_chunk(token_bytes[doc.tokens[1:]].astype(np.float64), M, len(chunks)))
         n_tokens.append(per_chunk(np.ones(len(doc.tokens) - 1), M, len(chunks)))
         if found is not None and leakage_k:
-            overlap.append(longest_common_substring(chunks, found[:, :leakage_k].numpy()) / M)
+            own_len = (chunks >= 0).sum(1)  # M, or fewer for a document's last chunk: a whole copy is r = 1
+            overlap.append(longest_common_substring(chunks, found[:, :leakage_k].numpy()) / own_len)
         else:
             overlap.append(np.zeros(len(chunks)))
     if not n_bytes:
@@ -325,7 +354,8 @@ def evaluate_parser():
     p.add_argument("--baseline_ckpt", default=None, help="a checkpoint trained without retrieval, scored with retrieval OFF")
     p.add_argument("--seq_len", type=int, default=None, help="context T (default: the checkpoint's data.seq_len)")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="comma-separated alpha values for bpb(alpha)")
-    p.add_argument("--leakage_k", type=int, default=None, help="neighbours compared for r(C) (default: the largest k)")
+    p.add_argument("--leakage_k", type=int, default=LEAKAGE_K,
+                   help="neighbours compared for r(C) (default: the paper's 10, whatever --neighbors)")
     p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed", "random"),
                    help="live RetroIndex search, the workspace's precomputed files, auto (files when they fit), or "
                         "random train chunks as a control")
@@ -374,8 +404,8 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
     from retro_lit.generate import CommandError, load_checkpoint, precision_context, resolve_device
 
     ks, alphas = parse_list(args.neighbors, int, "--neighbors"), parse_list(args.alphas, float, "--alphas")
-    if min(ks) <= 0:
-        raise CommandError("--neighbors values must be positive")
+    if min(ks) <= 0 or args.leakage_k <= 0:
+        raise CommandError("--neighbors values and --leakage_k must be positive")
     device = resolve_device(args.device)
     model, data_hparams = load_checkpoint(args.ckpt_path, device)
     ws = open_workspace(args.workspace)
@@ -387,11 +417,12 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
     scorers["retrieval off"] = Scorer(model, None)
     if args.baseline_ckpt:
         scorers["baseline"] = Scorer(load_checkpoint(args.baseline_ckpt, device)[0], None)
-    leakage_k = args.leakage_k or max(ks)
+    leakage_k = args.leakage_k
     source = args.corpus or args.split
     documents = capped(corpus_documents(args.corpus, ws.tokenizer) if args.corpus else workspace_documents(ws, args.split),
                        args.max_tokens)
-    neighbors_of, how = choose_neighbors(args, ws, max(ks + [leakage_k]), seq_len, str(device))
+    neighbors_of, how = choose_neighbors(ws, args.split, args.neighbor_source, max(ks), leakage_k, seq_len,
+                                         str(device), args.corpus)
     total = count_windows(documents, seq_len, ws.chunk_len) * len(scorers)
     start = time.time()
     with tqdm(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet or not sys.stderr.isatty()) as bar, \
@@ -405,25 +436,33 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
     return result, write_outputs(result, Path(args.out_dir) if args.out_dir else Path(args.ckpt_path).parent, source)
 
 
-def choose_neighbors(args, ws, k: int, seq_len: int, device: str):
-    """(neighbors_of, description): precomputed files when asked or when `auto` finds a fitting one, else live;
-    random train chunks when asked (a control)."""
+def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_len: int, device: str = "auto",
+                     corpus: str | Path | None = None):
+    """(neighbors_of, description) giving max(k, leakage_k) neighbours per chunk of `split` (or of an outside
+    `corpus`). source: `precomputed` files, or `auto` when one holds the k scored (r(C)'s extra neighbours are
+    searched), else `live`; `random` train chunks as a control."""
     from retro_lit.generate import CommandError
-    from retro_lit.index import RetroIndex
+    from retro_lit.index import RetroIndex, index_files, load_index
 
-    if args.neighbor_source == "random":
-        return RandomNeighbors(ws, k), "random train chunks (control)"
-    if args.corpus:
-        if args.neighbor_source == "precomputed":
+    n = max(k, leakage_k)
+    if source == "random":
+        return RandomNeighbors(ws, n), "random train chunks (control)"
+    if corpus:
+        if source == "precomputed":
             raise CommandError("--neighbor_source precomputed needs a workspace split, not --corpus")
-        return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), k, exclude_own_doc=False), "live"
-    file_k = precomputed_file_k(ws, args.split, k, seq_len) if args.neighbor_source != "live" else None
+        return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=False), "live"
+    file_k = precomputed_file_k(ws, split, k, seq_len) if source != "live" else None
     if file_k is not None:
-        return PrecomputedNeighbors(ws, args.split, k, file_k, seq_len), f"precomputed k{file_k}_t{seq_len}"
-    if args.neighbor_source == "precomputed":
-        raise CommandError(f"no precomputed neighbours with k >= {k} for split {args.split!r} (seq_len {seq_len})")
-    train = args.split in ("train", "fit")
-    return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), k, exclude_own_doc=train), "live"
+        how, index = f"precomputed k{file_k}_t{seq_len}", None
+        if n > file_k:
+            info = ws.manifest["stages"]["index"]
+            index = load_index(index_files(ws.root, info), info.get("nprobe"))
+            how += f" + {n - file_k} searched for r(C)"
+        return PrecomputedNeighbors(ws, split, n, file_k, seq_len, index), how
+    if source == "precomputed":
+        raise CommandError(f"no precomputed neighbours with k >= {k} for split {split!r} (seq_len {seq_len})")
+    train = split in ("train", "fit")
+    return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=train), "live"
 
 
 def write_outputs(result: dict, out_dir: Path, source: str) -> list[Path]:

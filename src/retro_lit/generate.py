@@ -69,6 +69,9 @@ class ChunkNeighbors:
             found = torch.as_tensor(self.retrieve(chunk), dtype=torch.long).to(tokens.device)  # (B, K, R)
             if found.dim() != 3 or found.shape[0] != tokens.shape[0]:
                 raise ValueError(f"retrieve must return (B, K, R) neighbour tokens, got shape {tuple(found.shape)}")
+            if found.shape[2] != 2 * M:
+                raise ValueError(f"retrieve must return neighbours of expected R = 2M = {2 * M} tokens (chunk + "
+                                 f"continuation), got R = {found.shape[2]}")
             if self.on_retrieval is not None:
                 self.on_retrieval(u, chunk, found)
             self.chunks.append(found)

@@ -291,6 +291,9 @@ class NearestNeighborEncoder(nn.Module):
         """neighbors (B, L, K, R) token ids (-1 = none), h (B, L*M, d_cond) the states of their chunks, embed the
         token embedding -> memory (B, L, K*R, E), valid (B, L, K*R)."""
         B, L, K, R = neighbors.shape
+        if R != 2 * self.chunk_len:  # CCA's rotary positions put the continuation at M..2M-1
+            raise ValueError(f"expected R = 2M = {2 * self.chunk_len} tokens per neighbour (chunk + continuation), "
+                             f"got R = {R}")
         valid = neighbors >= 0  # (B, L, K, R)
         emb = embed(neighbors.clamp(min=0)).view(B * L * K, R, -1)  # (B*L*K, R, d_input)
         encoded = self(emb, valid.view(B * L * K, R), h.reshape(B * L, self.chunk_len, -1))  # (B*L*K, R, E)

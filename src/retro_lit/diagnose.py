@@ -1,0 +1,230 @@
+"""`retro-lit diagnose`: can retrieval pay in this workspace, and does this checkpoint use it? (docs/retrieval.md)
+
+- **Copyable share**, per split, from the precomputed neighbours `neighbors/k{K}_t{T}`: of the sampled chunks u
+  whose document goes on, the share whose K neighbours (all R tokens: neighbour chunk + continuation) hold a run
+  of at least `min_run` tokens of chunk u+1, the tokens the model predicts while it attends to chunk u's
+  neighbours. A document's last chunk has no chunk u+1 and is left out of this share (counted apart). Beside it,
+  the share of all sampled chunks whose neighbours hold such a run of chunk u itself (r(C) >= min_run / M, the
+  leakage measure of `retro_lit.evaluate`).
+- **CCA update norm**, per CCA layer of a checkpoint: RMS of the CCA output (the update added to the residual
+  stream) over RMS of the residual stream it is added to, over the tokens that have neighbours to attend to.
+- **bpb** of the checkpoint on the same text with retrieval ON (the precomputed neighbours), with random train
+  chunks (with continuations) in their place, and OFF, scored like `retro-lit evaluate` (sliding windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from retro_lit.corpus import SPLITS, RetroDataError
+from retro_lit.database import SPLIT_ALIASES, Workspace, open_workspace
+from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, evaluate_documents,
+                                longest_common_substring, workspace_documents)
+from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
+from retro_lit.retrofit import RetroFitModel
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- copyable share
+
+def copyable_share(ws: Workspace, split: str, ids: np.ndarray, min_run: int = 8, max_chunks: int | None = 20000,
+                   seed: int = 0) -> dict:
+    """Copyable share of one split (module docstring) from its neighbour ids (n_chunks_of_split, K), -1 = none,
+    over at most max_chunks chunks drawn without replacement (seeded; all of them when None)."""
+    first, end = ws.split_range(split)
+    n, M = end - first, ws.chunk_len
+    rows = np.arange(n)
+    if max_chunks is not None and n > max_chunks:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=max_chunks, replace=False))
+    own = ws.neighbor_tokens(first + rows)  # (N, R): chunk u, then chunk u+1 of its document (-1s if none)
+    found = ws.neighbor_tokens(np.asarray(ids[rows]))  # (N, K, R)
+    goes_on = (own[:, M:] >= 0).any(1)  # (N,)
+    next_run = longest_common_substring(own[goes_on, M:], found[goes_on])  # (N',)
+    self_run = longest_common_substring(own[:, :M], found)  # (N,)
+    return {"chunks": len(rows), "with_continuation": int(goes_on.sum()),
+            "continuation_share": float((next_run >= min_run).mean()) if goes_on.any() else math.nan,
+            "chunk_share": float((self_run >= min_run).mean()) if len(rows) else math.nan}
+
+
+# ----------------------------------------------------------------------------- CCA update norms
+
+def cca_sublayers(model: nn.Module) -> dict[int, tuple[nn.Module, nn.Module]]:
+    """{decoder layer: (the RMSNorm that reads the residual stream, the ChunkedCrossAttention after it)}."""
+    if isinstance(model, RetroFitModel):  # a retrieval branch after each CCA layer of the frozen LM
+        return {int(i): (branch.norm, branch.cca) for i, branch in model.branches.items()}
+    return {i: (block.norm_cca, block.cca) for i, block in enumerate(model.blocks) if block.cca is not None}
+
+
+def attending_tokens(valid: Tensor, T: int, chunk_len: int) -> Tensor:
+    """(B, T) bool: tokens p whose chunk u = (p + 1) // M - 1 >= 0 has a neighbour token (valid (B, Lc, K*R))."""
+    has_any = valid.any(-1)  # (B, Lc)
+    u = (torch.arange(T, device=valid.device) + 1) // chunk_len - 1  # (T,)
+    inside = (u >= 0) & (u < has_any.shape[1])
+    return has_any[:, u.clamp(0, has_any.shape[1] - 1)] & inside  # (B, T)
+
+
+class CCANorms:
+    """Forward hooks on every CCA sublayer inside a `with`: sums of squares of the CCA update and of the residual
+    stream it is added to, over the tokens that have neighbours to attend to (full forwards, no KV cache).
+    `ratios()`: per layer, RMS(update) / RMS(residual stream); nan for a layer that saw no such token."""
+
+    def __init__(self, model: nn.Module):
+        self.sublayers = cca_sublayers(model)
+        self.update_sq = dict.fromkeys(self.sublayers, 0.0)
+        self.residual_sq = dict.fromkeys(self.sublayers, 0.0)
+        self._residual: dict[int, Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> CCANorms:
+        for layer, (norm, cca) in self.sublayers.items():
+            self._handles.append(norm.register_forward_pre_hook(partial(self._keep_residual, layer)))
+            self._handles.append(cca.register_forward_hook(partial(self._add_update, layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _keep_residual(self, layer: int, module: nn.Module, args: tuple) -> None:
+        self._residual[layer] = args[0]  # (B, T, D), the norm's input
+
+    def _add_update(self, layer: int, module: nn.Module, args: tuple, update: Tensor) -> None:
+        mask = attending_tokens(args[2], update.shape[1], module.chunk_len)  # args: (x, kv, valid (B, Lc, K*R))
+        residual = self._residual.pop(layer)  # (B, T, D)
+        self.update_sq[layer] += float(update.detach()[mask].double().square().sum())
+        self.residual_sq[layer] += float(residual.detach()[mask].double().square().sum())
+
+    def ratios(self) -> dict[int, float]:
+        # the same tokens and width D on both sides: the ratio of RMS norms is that of root sums of squares
+        return {layer: math.sqrt(self.update_sq[layer] / self.residual_sq[layer])
+                if self.residual_sq[layer] else math.nan for layer in self.sublayers}
+
+
+def diagnose_checkpoint(model: nn.Module, ws: Workspace, split: str, k: int, seq_len: int, max_tokens: int | None,
+                        batch_size: int = 8, seed: int = 0) -> dict:
+    """CCA update norms while scoring the split's first ~max_tokens tokens with its precomputed neighbours
+    (`neighbors/k{k}_t{seq_len}`), and bpb with retrieval ON, with random train chunks, and OFF."""
+    documents = capped(workspace_documents(ws, split), max_tokens)
+    score = partial(evaluate_documents, documents=documents, token_bytes=ws.tokenizer.token_bytes, seq_len=seq_len,
+                    chunk_len=ws.chunk_len, batch_size=batch_size)
+    with CCANorms(model) as norms:
+        on_off = score({"retrieval on": Scorer(model, k), "retrieval off": Scorer(model, None)},
+                       neighbors_of=PrecomputedNeighbors(ws, split, k, k, seq_len))
+    random = score({"random train chunks": Scorer(model, k)}, neighbors_of=RandomNeighbors(ws, k, seed))
+    bpb = {name: m["bpb"] for result in (on_off, random) for name, m in result["models"].items()}
+    return {"split": split, "n_tokens": on_off["n_tokens"], "cca_ratio": norms.ratios(),
+            "bpb": {name: bpb[name] for name in ("retrieval on", "random train chunks", "retrieval off")}}
+
+
+# ----------------------------------------------------------------------------- the command
+
+def diagnose_parser() -> CommandParser:
+    p = CommandParser(prog="retro-lit diagnose",
+                      description="Does retrieval pay: copyable share of the neighbours per split; with a checkpoint, "
+                                  "CCA update norms and bpb with retrieval on, random neighbours and off.")
+    p.add_argument("--workspace", required=True, help="built workspace with precomputed neighbours")
+    p.add_argument("--ckpt_path", default=None, help="RetroLM checkpoint (.ckpt) for the CCA-norm and bpb diagnostics")
+    p.add_argument("--split", default="test", help="split the checkpoint is scored on: test, validation or train")
+    p.add_argument("--num_neighbors", type=int, default=None,
+                   help="K of the neighbour files neighbors/k{K}_t{T} (default: the checkpoint's, else the one built)")
+    p.add_argument("--seq_len", type=int, default=None, help="T of those files (default as --num_neighbors)")
+    p.add_argument("--min_run", type=int, default=8, help="shared tokens in a row that count as copyable")
+    p.add_argument("--max_chunks", type=int, default=20000, help="chunks sampled per split for the copyable share")
+    p.add_argument("--max_tokens", type=int, default=16384, help="tokens of --split scored with the checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chunk sample and of the random neighbours")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    return p
+
+
+def diagnose_main(argv: list[str] | None = None) -> int:
+    """`retro-lit diagnose`: tables on stdout, optionally JSON; bad input -> one `error:` line, exit 2."""
+    try:
+        result = run_diagnosis(diagnose_parser().parse_args(argv))
+    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    return 0
+
+
+def run_diagnosis(args: argparse.Namespace) -> dict:
+    """Everything `retro-lit diagnose` does after parsing; returns the numbers (and writes --json)."""
+    for flag in ("min_run", "max_chunks", "max_tokens", "batch_size"):
+        if getattr(args, flag) <= 0:
+            raise CommandError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if SPLIT_ALIASES.get(args.split, args.split) not in SPLITS:
+        raise CommandError(f"--split must be train, validation or test, got {args.split!r}")
+    ws = open_workspace(args.workspace)
+    model, data_hparams = None, {}
+    if args.ckpt_path:
+        device = resolve_device(args.device)
+        model, data_hparams = load_checkpoint(args.ckpt_path, device)
+        if model.chunk_len != ws.chunk_len:
+            raise CommandError(f"the checkpoint has chunk_len {model.chunk_len}, "
+                               f"workspace {args.workspace} has {ws.chunk_len}")
+    k, seq_len = built_neighbors(ws, args.num_neighbors or data_hparams.get("num_neighbors"),
+                                 args.seq_len or data_hparams.get("seq_len"))
+    result = {"workspace": str(args.workspace), "neighbors": f"k{k}_t{seq_len}", "min_run": args.min_run,
+              "max_chunks": args.max_chunks, "seed": args.seed, "copyable": {}}
+    for split in SPLITS:
+        log.info("copyable share: %s", split)
+        result["copyable"][split] = copyable_share(ws, split, ws.neighbors(split, k, seq_len), args.min_run,
+                                                   args.max_chunks, args.seed)
+    if model is not None:
+        log.info("CCA update norms and bpb: %s", args.split)
+        with precision_context(args.precision, device):
+            found = diagnose_checkpoint(model, ws, args.split, k, seq_len, args.max_tokens, args.batch_size, args.seed)
+        result.update(checkpoint=str(args.ckpt_path), precision=args.precision, **found)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def built_neighbors(ws: Workspace, k: int | None, seq_len: int | None) -> tuple[int, int]:
+    """(K, T) of the one built neighbour set `neighbors/k{K}_t{T}` matching k and seq_len (None: any)."""
+    built = [tuple(int(part[1:]) for part in name.split("/")[1].split("_"))
+             for name, info in ws.manifest["stages"].items() if name.startswith("neighbors/") and info.get("done")]
+    matching = [(bk, bt) for bk, bt in built if k in (None, bk) and seq_len in (None, bt)]
+    if len(matching) != 1:
+        have = ", ".join(f"k{bk}_t{bt}" for bk, bt in built) or "none"
+        raise CommandError(f"workspace {ws.root} has neighbour files {have}, not one set for K={k}, T={seq_len}: "
+                           "pass --num_neighbors and --seq_len naming one")
+    return matching[0]
+
+
+def format_report(result: dict) -> str:
+    """The numbers as Markdown tables: copyable share per split, then (with a checkpoint) CCA norms and bpb."""
+    lines = [f"copyable share: chunks u whose neighbours ({result['neighbors']}) share >= {result['min_run']} tokens "
+             "in a row with chunk u+1 (of the chunks that have one) or with chunk u itself (of all)",
+             "| split | chunks sampled | with chunk u+1 | chunk u+1 copyable | chunk u copyable |",
+             "|---|---|---|---|---|"]
+    for split, c in result["copyable"].items():
+        lines.append(f"| {split} | {c['chunks']} | {c['with_continuation']} | {c['continuation_share']:.1%} | "
+                     f"{c['chunk_share']:.1%} |")
+    if "cca_ratio" not in result:
+        return "\n".join(lines)
+    lines += ["", f"CCA update / residual stream (RMS), {result['split']} split, {result['n_tokens']} tokens",
+              "| layer | ratio |", "|---|---|"]
+    lines += [f"| {layer} | {ratio:.4f} |" for layer, ratio in result["cca_ratio"].items()] or ["| (no CCA layer) | |"]
+    bpb = result["bpb"]
+    lines += ["", f"bpb, {result['split']} split, the same tokens", "| neighbours | bpb | minus retrieval on |",
+              "|---|---|---|"]
+    lines += [f"| {name} | {value:.4f} | {value - bpb['retrieval on']:+.4f} |" for name, value in bpb.items()]
+    return "\n".join(lines)
