@@ -137,6 +137,27 @@ def test_filtered_bpb():
     assert filtered_bpb(nats, n_bytes, overlap, 1.0) == pytest.approx(6 / math.log(2) / 4)
     assert filtered_bpb(nats, n_bytes, overlap, 0.25) == pytest.approx(1 / math.log(2) / 1)
     assert math.isnan(filtered_bpb(nats, n_bytes, overlap + 2, 1.0))
+    assert filtered_bpb(nats, n_bytes, overlap, 0.25, above=True) == pytest.approx(5 / math.log(2) / 3)
+
+
+def test_random_control_scores_random_neighbors_but_keeps_the_real_overlap():
+    model, rng = tiny(), np.random.default_rng(2)
+    docs = [EvalDocument(f"d{i}", rng.integers(1, V, 30)) for i in range(3)]
+
+    def copies(doc, chunks):  # every neighbour 0 copies its chunk: r(C) = 1 everywhere
+        found = rng.integers(1, V, (len(chunks), K, R))
+        found[:, 0, :M] = np.where(chunks >= 0, chunks, -1)
+        return found
+
+    def unrelated(doc, chunks):  # tokens that appear in no chunk
+        return np.full((len(chunks), K, R), 0)
+
+    scorers = {"on": Scorer(model, K), "random": Scorer(model, K, unrelated), "off": Scorer(model, None)}
+    result = evaluate_documents(scorers, docs, copies, np.ones(V), seq_len=16, chunk_len=M, leakage_k=K)
+    assert result["kept_fraction"][0.5] == 0.0  # r(C) from the real neighbours, not from the control's
+    models = result["models"]
+    assert models["random"]["bpb"] != models["on"]["bpb"]  # scored with the other neighbours
+    assert models["on"]["bpb_above_alpha"][0.5] == pytest.approx(models["on"]["bpb"])
 
 
 def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, capsys):
@@ -158,8 +179,9 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     assert result["neighbors"] == "live" and result["n_tokens"] > 0  # train retrieves live, own document excluded
     assert result["models"]["retrieval off"]["bpb"] == pytest.approx(result["models"]["baseline"]["bpb"])
     assert (out / "eval_train_bpb_vs_alpha.png").exists() and (out / "eval_train_bpb_vs_k.png").exists()
-    assert evaluate_main(base + ["--split", "test"]) == 0  # precomputed neighbours, files next to the checkpoint
-    assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"].startswith("precomputed")
+    assert evaluate_main(base + ["--split", "test", "--random_control"]) == 0  # precomputed, next to the ckpt
+    result = json.loads((tmp_path / "eval_test.json").read_text())
+    assert result["neighbors"].startswith("precomputed") and "random neighbours (k=2)" in result["models"]
     assert evaluate_main(base + ["--corpus", str(tmp_path / "corpus.txt"), "--max_tokens", "60", "--out_dir", str(out)]) == 0
     assert (out / "eval_corpus_txt.json").exists()
     capsys.readouterr()

@@ -129,9 +129,12 @@ def per_chunk(values: np.ndarray, chunk_len: int, n_chunks: int) -> np.ndarray:
     return np.bincount(chunk_of_target, weights=values, minlength=n_chunks)[:n_chunks]
 
 
-def filtered_bpb(nats: np.ndarray, n_bytes: np.ndarray, overlap: np.ndarray, alpha: float) -> float:
-    """bpb over the chunks whose overlap ratio r <= alpha (per-chunk nats, bytes and r, each (C,)); nan if none."""
+def filtered_bpb(nats: np.ndarray, n_bytes: np.ndarray, overlap: np.ndarray, alpha: float,
+                 above: bool = False) -> float:
+    """bpb over the chunks whose overlap ratio r <= alpha (per-chunk nats, bytes and r, each (C,)), or r > alpha
+    with `above` (the chunks bpb(alpha) drops: what retrieval can copy); nan if none."""
     keep = overlap <= alpha + 1e-9
+    keep = ~keep if above else keep
     total_bytes = n_bytes[keep].sum()
     return float(nats[keep].sum() / math.log(2) / total_bytes) if total_bytes > 0 else math.nan
 
@@ -144,7 +147,8 @@ def summarize(nats: dict[str, np.ndarray], n_bytes: np.ndarray, n_tokens: np.nda
         loss = float(values.sum() / max(n_tokens.sum(), 1))
         models[name] = {"k": ks.get(name), "loss": loss, "ppl": math.exp(min(loss, 700.0)),
                         "bpb": float(values.sum() / math.log(2) / max(n_bytes.sum(), 1)),
-                        "bpb_alpha": {a: filtered_bpb(values, n_bytes, overlap, a) for a in alphas}}
+                        "bpb_alpha": {a: filtered_bpb(values, n_bytes, overlap, a) for a in alphas},
+                        "bpb_above_alpha": {a: filtered_bpb(values, n_bytes, overlap, a, above=True) for a in alphas}}
     scored = n_tokens > 0
     return {"models": models,
             "kept_fraction": {a: float((overlap[scored] <= a + 1e-9).mean()) if scored.any() else math.nan for a in alphas},
@@ -268,6 +272,7 @@ def precomputed_file_k(ws, split: str, k: int, seq_len: int) -> int | None:
 class Scorer(NamedTuple):
     model: nn.Module
     k: int | None  # neighbours per chunk; None = retrieval OFF
+    neighbors_of: Callable | None = None  # its own neighbour source (e.g. random chunks), else the shared one
 
 
 def evaluate_documents(scorers: dict[str, Scorer], documents: Iterable[EvalDocument],
@@ -287,8 +292,10 @@ def evaluate_documents(scorers: dict[str, Scorer], documents: Iterable[EvalDocum
             continue
         chunks = chunk_rows(doc.tokens, M)  # (C, M)
         found = torch.as_tensor(neighbors_of(doc, chunks), dtype=torch.long) if neighbors_of else None  # (C, K_max, R)
-        for name, (model, k) in scorers.items():
+        for name, (model, k, own_source) in scorers.items():
             neighbors = found[:, :k] if (k and found is not None) else None
+            if k and own_source is not None:
+                neighbors = torch.as_tensor(own_source(doc, chunks), dtype=torch.long)[:, :k]  # (C, k, R)
             values = score_document(model, torch.from_numpy(doc.tokens), neighbors, seq_len, batch_size,
                                     progress.update if progress is not None else None).numpy()
             nats[name].append(per_chunk(values, M, len(chunks)))
@@ -356,6 +363,8 @@ def evaluate_parser():
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="comma-separated alpha values for bpb(alpha)")
     p.add_argument("--leakage_k", type=int, default=LEAKAGE_K,
                    help="neighbours compared for r(C) (default: the paper's 10, whatever --neighbors)")
+    p.add_argument("--random_control", action="store_true",
+                   help="also score retrieval ON with random train chunks as neighbours (r(C) still from the real ones)")
     p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed", "random"),
                    help="live RetroIndex search, the workspace's precomputed files, auto (files when they fit), or "
                         "random train chunks as a control")
@@ -415,6 +424,8 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
                            f"match the checkpoint's ({model.chunk_len}); pass --seq_len")
     scorers = {f"retrieval on (k={k})": Scorer(model, k) for k in ks}
     scorers["retrieval off"] = Scorer(model, None)
+    if args.random_control:
+        scorers[f"random neighbours (k={max(ks)})"] = Scorer(model, max(ks), RandomNeighbors(ws, max(ks)))
     if args.baseline_ckpt:
         scorers["baseline"] = Scorer(load_checkpoint(args.baseline_ckpt, device)[0], None)
     leakage_k = args.leakage_k
