@@ -32,7 +32,7 @@ EXTRA_COMMANDS = {
     "generate": ("retro_lit.generate", "generate_main", "Sample text with live retrieval from a checkpoint."),
     "evaluate": ("retro_lit.evaluate", "evaluate_main", "Bits-per-byte with retrieval on/off and bpb(alpha)."),
     "diagnose": ("retro_lit.diagnose", "diagnose_main", "Does retrieval pay: copyable neighbours, CCA norms."),
-    "demo": ("retro_lit.demo", "demo_main", "Shakespeare demo: build, train with and without retrieval, compare."),
+    "demo": ("retro_lit.demo", "demo_main", "demo on the Python stdlib: database, RETRO and a baseline, compared."),
 }
 
 

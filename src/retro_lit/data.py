@@ -98,10 +98,11 @@ class RetroDataset(Dataset):
 
     def _with_copies(self, ws, neighbors: np.ndarray, first: int, s: int) -> np.ndarray:
         """Copy warm-up: for a `copy_neighbor_rate` share of the chunks, the last neighbour slot holds the
-        sequence's own text, [chunk, continuation] shifted by up to M/2 tokens either way (clipped to its
-        document). Natural neighbours at this scale rarely repeat the next chunk, so the copying pathway forms
-        slowly; these copies teach it, shifted so that it must match content rather than position, while the
-        other slots keep teaching when a neighbour is useless. Seeded by (seed, sequence): reproducible."""
+        sequence's own text, [chunk, continuation], aligned for half of them and shifted by up to M/2 tokens
+        either way for the others (clipped to its document). Natural neighbours at this scale rarely repeat the
+        next chunk, so the copying pathway forms slowly; aligned copies teach it fast (by position), shifted ones
+        make it match content, and the retrieved neighbours teach when to ignore a neighbour. Seeded by (seed,
+        sequence): reproducible."""
         rng = np.random.default_rng((self.seed, s))
         M, L = self.chunk_len, self.chunks_per_seq
         flat = ws.chunks.reshape(-1)  # (n_chunks * M,)
@@ -110,7 +111,8 @@ class RetroDataset(Dataset):
             chunk = first + int(u)
             doc = int(ws.chunk_doc[chunk])
             doc_lo, doc_hi = int(ws.doc_offsets[doc]) * M, int(ws.doc_offsets[doc + 1]) * M  # token span
-            start = chunk * M + int(rng.integers(-(M // 2), M // 2 + 1))
+            shift = int(rng.integers(-(M // 2), M // 2 + 1)) if rng.random() < 0.5 else 0
+            start = chunk * M + shift
             lo, hi = max(start, doc_lo), min(start + 2 * M, doc_hi)
             copy = np.full(2 * M, -1, dtype=np.int64)  # (R,)
             copy[lo - start: hi - start] = flat[lo:hi]
