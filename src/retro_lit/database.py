@@ -28,12 +28,12 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from retro_lit.corpus import SPLITS, RetroDataError, corpus_fingerprint, iter_documents, split_documents
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors, neighbors_path
+from retro_lit.progress import progress
 from retro_lit.tokenizer import LMTokenizer, check_spec, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def chunk_corpus(
 ) -> tuple[list[Path], dict]:
     """Stage 1: documents -> tokens -> chunks. Returns (paths written, manifest fields: splits, counts)."""
     root = Path(workspace)
-    names = [doc.name for doc in tqdm(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
+    names = [doc.name for doc in progress(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
     labels = split_documents(len(names), split, seed)  # (n_docs,) int8 split of each doc, corpus order
     if tokenizer.startswith("bpe:"):
         train_texts = (doc.text for doc, label in zip(iter_documents(corpus), labels) if label == 0)
@@ -270,7 +270,7 @@ def _tokenize_to_file(
     """Append every document's tokens to a flat file; returns (n_docs,) token counts, corpus order."""
     counts = np.zeros(n_docs, dtype=np.int64)
     i, batch, chars = 0, [], 0
-    with open(path, "wb") as f, tqdm(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
+    with open(path, "wb") as f, progress(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
         for doc in iter_documents(corpus):
             batch.append(doc.text)
             chars += len(doc.text)
@@ -325,7 +325,7 @@ def embed_chunks(
     written = []
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
-        tqdm(
+        progress(
             total=sum(min(size, n_chunks - b * size) for b in todo), desc="embed", unit="chunk", disable=quiet
         ) as bar,
     ):
@@ -372,7 +372,6 @@ def build_workspace(
     `until` is one of `STAGES`; e.g. "embeddings" stops before the index. `build_summary(path)` reports.
     """
     root = Path(workspace)
-    quiet = quiet or not sys.stderr.isatty()
     split = tuple(float(f) for f in split)
     for name, value in (
         ("chunk_len", chunk_len),
