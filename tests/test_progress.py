@@ -66,3 +66,13 @@ def test_a_terminal_gets_a_tqdm_bar(caplog):
             pass
     assert "embed: 100%" in terminal.getvalue() and "5/5" in terminal.getvalue()
     assert messages(caplog) == []
+
+
+def test_metrics_set_after_the_last_line_get_a_closing_line(caplog):
+    with caplog.at_level(logging.INFO, logger="retro_lit.progress"):
+        bar = ProgressLog(total=2, desc="validate", unit="batch", min_seconds=0.0)
+        bar.update(2)  # the last batch: 100 %, logged at once
+        bar.set_postfix_str("val/loss=1.5")  # what the end of validation computes afterwards
+        bar.close()
+        bar.close()
+    assert [line.endswith("val/loss=1.5") for line in messages(caplog)] == [False, True]

@@ -34,9 +34,10 @@ class ProgressLog:
             total = len(iterable)
         self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable
         self.total = total if total is not None and math.isfinite(total) and total > 0 else None
-        self.n = self.initial = self._logged_n = initial
+        self.n = self.initial = initial
         self.every_fraction, self.every_seconds, self.min_seconds = every_fraction, every_seconds, min_seconds
         self.postfix = ""
+        self._logged = (initial, "")  # (n, postfix) of the last line
         self._start = self._logged_at = time.monotonic()
 
     def __iter__(self) -> Iterator:
@@ -62,12 +63,12 @@ class ProgressLog:
         now = time.monotonic()
         step = self.every_fraction * self.total if self.total else math.inf
         waited = now - self._logged_at
-        if waited >= self.every_seconds or (self.n - self._logged_n >= step and waited >= self.min_seconds):
+        if waited >= self.every_seconds or (self.n - self._logged[0] >= step and waited >= self.min_seconds):
             self._log(now)
 
     def close(self) -> None:
-        """The last line, unless nothing happened since the previous one (a second close says nothing)."""
-        if not self.disable and self.n != self._logged_n:
+        """The last line, unless it would repeat the previous one (so a second close says nothing)."""
+        if not self.disable and (self.n, self.postfix) != self._logged:
             self._log(time.monotonic())
 
     def _log(self, now: float) -> None:
@@ -79,7 +80,7 @@ class ProgressLog:
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"ETA {tqdm.format_interval((self.total - self.n) / rate)}")
         log.info("%s", ", ".join(parts + ([self.postfix] if self.postfix else [])))
-        self._logged_n, self._logged_at = self.n, now
+        self._logged, self._logged_at = (self.n, self.postfix), now
 
 
 def format_rate(rate: float, unit: str) -> str:
