@@ -19,13 +19,13 @@ from unittest import mock
 import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from retro_lit.corpus import RetroDataError
 from retro_lit.data import RetroDataModule
-from retro_lit.lit import NeighborTableCallback, RetroLM, progress_bar
+from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM
 from retro_lit.malloc import fix_mmap_threshold
 
 # name -> (module, function(argv) -> exit code, one-line help); imported only when run
@@ -56,8 +56,8 @@ class RetroCLI(LightningCLI):
 
     `--checkpoint.*` configures the always-present `ModelCheckpoint` (`save_last` on; its folder defaults to
     `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`).
-    Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress with
-    `retro_lit.lit.progress_bar()`: a tqdm bar on a terminal, plain lines in a log.
+    Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
+    Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
     """
 
     def __init__(self, *args, **kwargs):
@@ -102,7 +102,8 @@ class RetroCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         # (Lightning refuses a progress bar callback with enable_progress_bar false, and a second one)
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, progress_bar()])
+            bar = TQDMProgressBar() if sys.stderr.isatty() else LogProgressBar()
+            kwargs.setdefault("callbacks", [*callbacks, bar])
         return super().instantiate_trainer(**kwargs)
 
 

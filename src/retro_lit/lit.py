@@ -6,7 +6,6 @@ logged as `val/loss`, `val/ppl`, `val/bpb` and `val/loss_no_retrieval`, `val/ppl
 """
 
 import math
-import sys
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Literal
@@ -14,7 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import Metric
@@ -282,8 +281,3 @@ class LogProgressBar(ProgressBar):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self._end(trainer)
-
-
-def progress_bar() -> ProgressBar:
-    """Lightning's tqdm bar on a terminal, else `LogProgressBar`: a redrawn bar in a log is one endless line."""
-    return TQDMProgressBar() if sys.stderr.isatty() else LogProgressBar()
