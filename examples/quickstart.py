@@ -1,10 +1,12 @@
 """The original retro_transformer quick-start, run under retro_lit.
 
 Only the imports and the embedder name changed (None = the bundled all-MiniLM-L6-v2; 'cuda' falls back to
-the CPU with a warning when there is no GPU). Two additions so that it runs anywhere and tests can shrink it:
+the CPU with a warning when there is no GPU). Three additions so that it runs anywhere and tests can shrink it:
 `text.txt` is written from the bundled Shakespeare plays when missing (documents separated by blank-line
-runs), and `python examples/quickstart.py [TEXT_FILE] [MAX_STEPS]` overrides the file and the step count.
+runs), `python examples/quickstart.py [TEXT_FILE] [MAX_STEPS]` overrides the file and the step count, and
+`RETRO_LIT_QUICKSTART_SMALL=1` trains a 6-layer, 32-wide model instead (seconds a step on a CPU, not a minute).
 """
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ config = {
     'text_file': sys.argv[1] if len(sys.argv) > 1 else 'text.txt'
 }
 max_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+if os.environ.get('RETRO_LIT_QUICKSTART_SMALL') == '1':  # the cross-attention layers {3}, {3, 5} still exist
+    config.update(d_model=32, d_ff=64, n_heads=2, n_layers=6)
 if not Path(config['text_file']).exists():  # a few plays, one document each
     plays = [doc.text for doc in iter_documents('shakespeare')][:6]
     Path(config['text_file']).write_text('\n\n\n'.join(plays), encoding='utf-8')

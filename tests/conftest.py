@@ -1,4 +1,4 @@
-import os
+import sys
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch
 @pytest.fixture(autouse=True)
 def _hermetic(monkeypatch):
     """Seed, keep W&B and the HF hub off, and restore torch's global state after each test."""
+    monkeypatch.setattr(sys, "argv", ["retro-lit"])  # in-process runs get their arguments from args= only, not pytest's
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

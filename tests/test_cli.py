@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,19 +36,21 @@ def args_for(tiny, run_dir, *extra, **data):
     return ["--config", TINY, *[f"--data.{k}={v}" for k, v in data.items()], f"--trainer.default_root_dir={run_dir}", *extra]
 
 
-def retro_lit(*args, env=None, timeout=300):
-    """Run the installed console script (as a user would); returns the completed process."""
+def retro_lit(*args, env=None, timeout=300, log=None):
+    """Run the installed console script (as a user would); returns the completed process.
+
+    log: a file that gets stdout and stderr, as with `retro-lit ... > log 2>&1`; else both are captured."""
     script = Path(sys.executable).with_name("retro-lit")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "retro_lit"]
     env = {**os.environ, **(env or {})}
-    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if log is None:
+        proc = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+    with open(log, "w") as f:
+        proc = subprocess.run([*command, *args], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    assert proc.returncode == 0, Path(log).read_text()[-3000:]
     return proc
-
-
-@pytest.fixture(autouse=True)
-def _argv(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["retro-lit"])  # in-process runs get their arguments from args= only
 
 
 def read_metrics(run_dir, version):
@@ -138,6 +141,47 @@ def test_other_chunk_length_than_the_workspace_is_refused(tiny, tmp_path, capsys
     assert main(["fit", *args_for(tiny, tmp_path, "--data.chunk_size=8", "--data.seq_len=128")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "chunk_len=16" in err and "Traceback" not in err
+
+
+UPSTREAM_NOTICES = (
+    "tensorboardX",  # Lightning without a logger named: "`logger=True` will use `CSVLogger`..."
+    "litlogger",  # "Tip: For seamless cloud logging..."
+    "LeafSpec",  # torch's deprecation, hit by Lightning's pytree helper
+    "skip_none", "add_instantiator", "instantiate_classes", "JsonargparseDeprecationWarning",  # Lightning's CLI
+    "LightningCLI's args parameter",
+)
+
+
+def test_a_fit_logged_to_a_file_shows_progress_and_no_upstream_notices(tiny, tmp_path):
+    log = tmp_path / "fit.log"
+    # PYTHONWARNINGS=default: deprecations show as in a developer's run (Python hides most of them otherwise)
+    retro_lit("fit", *args_for(tiny, tmp_path / "run", "--trainer.max_steps=4", "--trainer.val_check_interval=2"),
+              log=log, env={"PYTHONWARNINGS": "default"})
+    text = log.read_text()
+    real = "The number of training batches (6) is smaller than the logging interval"  # 54 sequences, log every 10
+    assert text.count(real) == 1, text  # a warning about the user's own settings still shows
+    text = "\n".join(line for line in text.splitlines() if real not in line)
+    rate = r"[\d.]+k? (step/s|s/step)"
+    assert re.search(rf"^INFO retro_lit.progress: train: 4/4 step \(100%\), {rate}, \d\d:\d\d elapsed, train/loss=[\d.]+",
+                     text, re.M), text
+    assert len(re.findall(r"validate: 1/1 batch \(100%\), .*val/loss=[\d.]+", text)) == 2, text  # steps 2 and 4
+    assert not [notice for notice in UPSTREAM_NOTICES if notice in text], text
+    assert not re.search(r"\.py:\d+: ", text), text  # nor any other warning (`file.py:line: message`)
+
+
+def demo_like(argv: list[str]) -> int:
+    """An extra command that builds the CLI from Python, as `retro-lit demo` does."""
+    RetroCLI(args=argv, run=False)
+    return 0
+
+
+def test_an_extra_command_runs_lightning_cli_the_way_it_expects(tiny, tmp_path, monkeypatch, recwarn):
+    args = ["demo-like", *args_for(tiny, tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["retro-lit", *args])  # what the console script gets
+    monkeypatch.setitem(EXTRA_COMMANDS, "demo-like", ("test_cli", "demo_like", "a test command"))
+    assert main(args) == 0
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]  # "...both args and command line..."
+    assert sys.argv == ["retro-lit", *args]  # restored
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ def test_two_process_cli_build_is_byte_identical_to_one_process(tmp_path, refere
     assert not (tmp_path / "ws" / "neighbors" / f"k{K}_t{T}" / "parts").exists()
 
 
+@pytest.mark.slow  # three 2-process builds (~35 s); the default suite keeps the 2-process CLI build
 def test_failed_then_killed_rank_resumes_to_the_same_files(tmp_path, reference, monkeypatch):
     root, corpus = reference
     ws_root, bert = tmp_path / "ws", tiny_bert()

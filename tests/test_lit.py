@@ -128,6 +128,7 @@ def test_fused_training_loss_equals_the_mean_eval_nats(monkeypatch):
     torch.testing.assert_close(loss, nats.sum() / (batch.targets != IGNORE_INDEX).sum(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # inductor compiles C++ for 15-50 s, however small the model
 @pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(monkeypatch):
     torch._dynamo.reset()

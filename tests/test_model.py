@@ -265,7 +265,7 @@ def test_bf16_training_tracks_fp32_within_two_percent():
         g = torch.Generator().manual_seed(1)
         text = torch.randint(0, 64, (2000,), generator=g)  # a fixed "corpus" the model can learn
         curve = []
-        for _ in range(40):
+        for _ in range(20):
             starts = torch.randint(0, 1800, (8,), generator=g).tolist()
             x = torch.stack([text[s:s + 65] for s in starts])
             neighbors = torch.stack([text[(s + 97) % 1800:][:64].view(4, 2, 8).repeat(1, 1, 2) for s in starts])
@@ -275,7 +275,7 @@ def test_bf16_training_tracks_fp32_within_two_percent():
             loss.backward()
             opt.step()
             curve.append(loss.item())
-        return torch.tensor(curve).view(4, 10).mean(1)  # 10-step means
+        return torch.tensor(curve).view(4, 5).mean(1)  # 5-step means (bf16 is ~1e-4 off; 2% is far)
 
     fp32, bf16 = losses(False), losses(True)
     assert fp32[-1] < fp32[0]
@@ -290,7 +290,7 @@ def test_model_learns_to_copy_from_its_neighbors():
     model = tiny(vocab_size=V, chunk_size=8, d_model=64, n_layer=2, n_head=2, head_dim=32, d_ff=128,
                  cca_layers=(1,), enc_n_layer=1).train()
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
-    for _ in range(150):
+    for _ in range(80):  # ~0.37 ln V by then (0.03 after 150 steps)
         x = torch.randint(0, V, (Bc, (L + 1) * 8 + 1))
         chunks = x[:, :(L + 1) * 8].view(Bc, L + 1, 8)
         neighbors = torch.cat([chunks[:, :L], chunks[:, 1:]], dim=-1)[:, :, None]  # (B, L, 1, 2M)

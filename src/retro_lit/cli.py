@@ -11,19 +11,21 @@
 import logging
 import os
 import sys
+import warnings
 from importlib import import_module
 from pathlib import Path
+from unittest import mock
 
 import yaml
 from jsonargparse import ArgumentParser, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from retro_lit.corpus import RetroDataError
 from retro_lit.data import RetroDataModule
-from retro_lit.lit import NeighborTableCallback, RetroLM
+from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM
 from retro_lit.malloc import fix_mmap_threshold
 
 # name -> (module, function(argv) -> exit code, one-line help); imported only when run
@@ -44,7 +46,7 @@ class WandbSaveConfigCallback(SaveConfigCallback):
     """Writes `config.yaml` to the log dir (overwriting) and, with a `WandbLogger`, logs it as the run config."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config = yaml.safe_load(self.parser.dump(self.config, skip_unset=False))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams({"config": config})
@@ -55,6 +57,8 @@ class RetroCLI(LightningCLI):
 
     `--checkpoint.*` configures the always-present `ModelCheckpoint` (`save_last` on; its folder defaults to
     `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`).
+    Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
+    Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
     """
 
     def __init__(self, *args, **kwargs):
@@ -91,6 +95,18 @@ class RetroCLI(LightningCLI):
         except (ValueError, RetroDataError) as e:  # config validation (`RetroConfig.__post_init__` etc.)
             raise UserError(str(e)) from e
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):  # Lightning's own default, named: no notice about tensorboard
+            kwargs.setdefault("logger", CSVLogger(config.get("default_root_dir") or os.getcwd()))
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        # (Lightning refuses a progress bar callback with enable_progress_bar false, and a second one)
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            bar = TQDMProgressBar() if sys.stderr.isatty() else LogProgressBar()
+            kwargs.setdefault("callbacks", [*callbacks, bar])
+        return super().instantiate_trainer(**kwargs)
+
 
 def default_wandb_mode() -> None:
     """Offline W&B unless an API key is configured (environment or `wandb login`'s netrc entry)."""
@@ -102,17 +118,38 @@ def default_wandb_mode() -> None:
     os.environ["WANDB_MODE"] = "offline"
 
 
+def not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip: For seamless cloud logging")
+
+
+def silence_upstream_notices() -> None:
+    """Hide the third-party notices of a first run that a user can do nothing about, each by message and module
+    (so every other warning, ours or theirs, still shows)."""
+    # Lightning 2.6's CLI calls three jsonargparse APIs deprecated in 4.49, and jsonargparse prefaces the first
+    jsonargparse_apis = r"\s*(skip_none parameter|``ArgumentParser.add_instantiator``|``instantiate_classes``) was "
+    for message in (jsonargparse_apis, r"\s*By default only one JsonargparseDeprecationWarning"):
+        warnings.filterwarnings("ignore", message, DeprecationWarning, module=r"lightning\.pytorch\.cli")
+    # Lightning's pytree helper still builds torch's LeafSpec, which torch 2.13 deprecates
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    # every Trainer without Lightning's cloud logger advertises it (an info line, not a warning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_litlogger_tip)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point `retro-lit`; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     fix_mmap_threshold()  # (a no-op in `retro-lit` itself: retro_lit.__main__ chose its allocator at start-up)
     default_wandb_mode()
+    silence_upstream_notices()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("retro_lit").setLevel(logging.INFO)
     if args and args[0] in EXTRA_COMMANDS:
         module, function, _ = EXTRA_COMMANDS[args[0]]
-        return int(getattr(import_module(module), function)(args[1:]) or 0)
+        # the command has its arguments; LightningCLI(args=...) inside it (the demo's fit) expects no other
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            return int(getattr(import_module(module), function)(args[1:]) or 0)
     try:
         RetroCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (UserError, RetroDataError) as e:

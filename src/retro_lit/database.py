@@ -28,13 +28,13 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from retro_lit.corpus import (SPLITS, RetroDataError, corpus_fingerprint, iter_documents, near_duplicate_train_documents,
                               split_documents)
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors, neighbors_path
+from retro_lit.progress import progress
 from retro_lit.tokenizer import LMTokenizer, check_spec, load_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def chunk_corpus(
     Training documents near-duplicating a held-out one (13-gram Jaccard >= dedup_threshold; None keeps all)
     are left out of the workspace."""
     root = Path(workspace)
-    names = [doc.name for doc in tqdm(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
+    names = [doc.name for doc in progress(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
     labels = split_documents(len(names), split, seed)  # (n_docs,) int8 split of each doc, corpus order
     drop = np.zeros(len(names), dtype=bool)
     if dedup_threshold is not None:
@@ -283,7 +283,7 @@ def _tokenize_to_file(
     n_docs = len(drop)
     counts = np.zeros(n_docs, dtype=np.int64)
     i, batch, chars = 0, [], 0
-    with open(path, "wb") as f, tqdm(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
+    with open(path, "wb") as f, progress(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
         for doc in iter_documents(corpus):
             batch.append("" if i + len(batch) < n_docs and drop[i + len(batch)] else doc.text)
             chars += len(doc.text)
@@ -338,7 +338,7 @@ def embed_chunks(
     written = []
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
-        tqdm(
+        progress(
             total=sum(min(size, n_chunks - b * size) for b in todo), desc="embed", unit="chunk", disable=quiet
         ) as bar,
     ):
@@ -386,7 +386,6 @@ def build_workspace(
     `until` is one of `STAGES`; e.g. "embeddings" stops before the index. `build_summary(path)` reports.
     """
     root = Path(workspace)
-    quiet = quiet or not sys.stderr.isatty()
     split = tuple(float(f) for f in split)
     for name, value in (
         ("chunk_len", chunk_len),

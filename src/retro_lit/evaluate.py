@@ -407,10 +407,9 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 def run_evaluation(args) -> tuple[dict, list[Path]]:
     """Everything `retro-lit evaluate` does after parsing: returns the result dict and the files written."""
-    from tqdm.auto import tqdm
-
     from retro_lit.database import open_workspace
     from retro_lit.generate import CommandError, load_checkpoint, precision_context, resolve_device
+    from retro_lit.progress import progress
 
     ks, alphas = parse_list(args.neighbors, int, "--neighbors"), parse_list(args.alphas, float, "--alphas")
     if min(ks) <= 0 or args.leakage_k <= 0:
@@ -436,7 +435,7 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
                                          str(device), args.corpus)
     total = count_windows(documents, seq_len, ws.chunk_len) * len(scorers)
     start = time.time()
-    with tqdm(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet or not sys.stderr.isatty()) as bar, \
+    with progress(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet) as bar, \
             precision_context(args.precision, device):
         result = evaluate_documents(scorers, documents, neighbors_of, ws.tokenizer.token_bytes, seq_len, ws.chunk_len,
                                     leakage_k, alphas, args.batch_size, bar)

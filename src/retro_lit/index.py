@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import faiss
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from retro_lit.corpus import RetroDataError
+from retro_lit.progress import progress
 
 if TYPE_CHECKING:
     from retro_lit.database import Workspace
@@ -82,7 +82,7 @@ def build_index(
     if not index.is_trained:
         index.train(ws.embeddings_at(sample))
     block = int(ws.manifest["settings"]["block_size"])
-    for start in tqdm(range(0, n, block), desc="index", unit="block", disable=quiet):
+    for start in progress(range(0, n, block), desc="index", unit="block", disable=quiet):
         index.add(ws.embeddings(start, min(start + block, n)))  # (b, E)
     index = _to_cpu(index)
     info = _measured_info(ws, index, _ivf(index), name, n, sample, rng, k, target_recall)

@@ -13,12 +13,14 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import Metric
 
 from retro_lit.data import IGNORE_INDEX, RetroSample
 from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.progress import ProgressLog
 from retro_lit.retrofit import RetroFitConfig, RetroFitModel
 
 
@@ -204,3 +206,78 @@ class NeighborTableCallback(L.Callback):
         columns, rows = table(self.num_chunks)
         for logger in loggers:
             logger.log_table("val/neighbors", columns=columns, data=rows, step=trainer.global_step)
+
+
+class LogProgressBar(ProgressBar):
+    """Lightning's progress bar for a log file: `retro_lit.progress` lines (every ~10 % or ~30 s, with rate, ETA
+    and the metrics the tqdm bar would show) for training steps and for validation, test and predict batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.bar: ProgressLog | None = None
+        self._train_bar: ProgressLog | None = None  # set aside while a validation inside fit runs
+
+    def disable(self) -> None:  # Lightning calls this on every rank but 0
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _start(self, desc: str, unit: str, total: float, initial: int = 0) -> None:
+        self.bar = ProgressLog(total=total, desc=desc, unit=unit, initial=initial, disable=not self.enabled)
+
+    def _show_metrics(self, trainer: L.Trainer) -> None:
+        metrics = trainer.progress_bar_metrics
+        self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+    def _advance(self, trainer: L.Trainer, n: int = 1) -> None:
+        self._show_metrics(trainer)
+        self.bar.update(n)
+
+    def _end(self, trainer: L.Trainer) -> None:
+        self._show_metrics(trainer)  # as they are at the end: a validation's val/loss is logged after its last batch
+        self.bar.close()
+        self.bar = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self._start("train", "step", total, initial=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._advance(trainer, trainer.global_step - self.bar.n)  # optimizer steps (gradient accumulation)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._end(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._train_bar, self.bar = self.bar, None
+            self._start("validate", "batch", sum(trainer.num_val_batches))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._advance(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._end(trainer)
+            self.bar = self._train_bar  # back to the training line, mid-fit
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._start("test", "batch", sum(trainer.num_test_batches))
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._advance(trainer)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end(trainer)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._start("predict", "batch", sum(trainer.num_predict_batches))
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._advance(trainer)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._end(trainer)

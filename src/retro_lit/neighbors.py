@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from retro_lit.corpus import SPLITS
 from retro_lit.index import index_files, load_index, search_excluding
+from retro_lit.progress import progress
 
 if TYPE_CHECKING:
     from retro_lit.database import Workspace
@@ -104,7 +104,7 @@ def compute_neighbors(
         tmp = path.with_name(path.name + ".tmp")
         out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
         mine = [(a, b) for s, a, b in parts if s == split]
-        for a, b in tqdm(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
+        for a, b in progress(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
             out[a:b] = _search_part(ws, index, split, a, b, k, seq_len)
         out.flush()
         del out

