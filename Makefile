@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (set up + run the Shakespeare demo end to end) and `make test`.
+# Two entry points: `make demo` (set up + run the Python-stdlib demo end to end) and `make test`.
 # torch==2.13.0 goes in first: it is the local CPU build; a bare `torch` would pull a multi-GB CUDA build.
 # Nothing is built from source (--only-binary): every step installs wheels, so set-up takes minutes.
 VENV ?= .venv
@@ -30,7 +30,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 demo: setup
-	$(VENV)/bin/retro-lit demo --workspace workspaces/shakespeare --run_dir runs/demo
+	$(VENV)/bin/retro-lit demo --workspace workspaces/python-stdlib --run_dir runs/demo
 
 test: setup-test  # pytest's exit 5 (no test collected) is not a failure here
 	$(PY) -m pytest -q; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
@@ -44,4 +44,4 @@ bench: setup
 	$(PY) benchmarks/generate.py
 
 clean-demo:
-	rm -rf workspaces/shakespeare runs/demo
+	rm -rf workspaces/python-stdlib runs/demo runs/demo-baseline
