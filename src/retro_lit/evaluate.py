@@ -37,6 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retro_lit.corpus import RetroDataError, iter_documents
+from retro_lit.database import SPLIT_ALIASES, open_workspace
+from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
+from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
+from retro_lit.plots import write_evaluation_plots
+from retro_lit.progress import progress
+
 log = logging.getLogger(__name__)
 
 ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -176,8 +183,6 @@ def workspace_documents(ws, split: str) -> Iterator[EvalDocument]:
 
 def corpus_documents(source: str | Path, tokenizer) -> Iterator[EvalDocument]:
     """Documents of an outside corpus (any source `retro_lit.corpus` reads), tokenized with the LM tokenizer."""
-    from retro_lit.corpus import iter_documents
-
     for doc in iter_documents(source):
         yield EvalDocument(doc.name, np.asarray(tokenizer.encode(doc.text), dtype=np.int64))
 
@@ -210,8 +215,6 @@ class PrecomputedNeighbors:
     from the whole database (for train text the file itself skips every document of the training window)."""
 
     def __init__(self, ws, split: str, k: int, file_k: int, seq_len: int, index=None):
-        from retro_lit.database import SPLIT_ALIASES
-
         if k > file_k and index is None:
             raise ValueError(f"{k} neighbours from a file of {file_k} need the faiss index to search the rest")
         self.ws, self.k, self.index = ws, k, index
@@ -224,8 +227,6 @@ class PrecomputedNeighbors:
 
     def neighbor_ids(self, doc: EvalDocument, n_chunks: int) -> np.ndarray:
         """Global chunk ids (C, k) of the neighbours of the document's first n_chunks chunks, -1 = none."""
-        from retro_lit.index import search_excluding
-
         first = int(self.ws.doc_offsets[doc.doc_id])  # global id of the document's first chunk
         known = np.asarray(self.ids[first - self.first:first - self.first + n_chunks, : self.k])  # (C, <=k)
         if known.shape[1] == self.k:
@@ -257,8 +258,6 @@ class RandomNeighbors:
 def precomputed_file_k(ws, split: str, k: int, seq_len: int) -> int | None:
     """K of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
     exclusion never applies (the database is the train split), so any seq_len will do."""
-    from retro_lit.database import SPLIT_ALIASES
-
     name = SPLIT_ALIASES.get(split, split)
     for path in sorted((ws.root / "neighbors").glob(f"k*_t*/{name}.npy")):
         file_k, file_t = (int(part[1:]) for part in path.parent.name.split("_"))
@@ -349,8 +348,6 @@ def markdown_table(result: dict) -> str:
 # ----------------------------------------------------------------------------- the command
 
 def evaluate_parser():
-    from retro_lit.generate import CommandParser
-
     p = CommandParser(prog="retro-lit evaluate",
                       description="Bits-per-byte with retrieval ON (several k), OFF, a baseline, and leakage-filtered bpb(alpha).")
     p.add_argument("--ckpt_path", required=True, help="RetroLM checkpoint (.ckpt)")
@@ -379,9 +376,6 @@ def evaluate_parser():
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     """`retro-lit evaluate`: Markdown table on stdout, JSON and PNG plots in --out_dir; bad input -> exit 2."""
-    from retro_lit.corpus import RetroDataError
-    from retro_lit.generate import CommandError
-
     try:
         args = evaluate_parser().parse_args(argv)
         result, paths = run_evaluation(args)
@@ -399,18 +393,12 @@ def parse_list(text: str, kind, flag: str) -> list:
     except ValueError:
         values = []
     if not values:
-        from retro_lit.generate import CommandError
-
         raise CommandError(f"{flag} must be a comma-separated list, got {text!r}")
     return values
 
 
 def run_evaluation(args) -> tuple[dict, list[Path]]:
     """Everything `retro-lit evaluate` does after parsing: returns the result dict and the files written."""
-    from retro_lit.database import open_workspace
-    from retro_lit.generate import CommandError, load_checkpoint, precision_context, resolve_device
-    from retro_lit.progress import progress
-
     ks, alphas = parse_list(args.neighbors, int, "--neighbors"), parse_list(args.alphas, float, "--alphas")
     if min(ks) <= 0 or args.leakage_k <= 0:
         raise CommandError("--neighbors values and --leakage_k must be positive")
@@ -451,9 +439,6 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
     """(neighbors_of, description) giving max(k, leakage_k) neighbours per chunk of `split` (or of an outside
     `corpus`). source: `precomputed` files, or `auto` when one holds the k scored (r(C)'s extra neighbours are
     searched), else `live`; `random` train chunks as a control."""
-    from retro_lit.generate import CommandError
-    from retro_lit.index import RetroIndex, index_files, load_index
-
     n = max(k, leakage_k)
     if source == "random":
         return RandomNeighbors(ws, n), "random train chunks (control)"
@@ -477,8 +462,6 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
 
 def write_outputs(result: dict, out_dir: Path, source: str) -> list[Path]:
     """`eval_<source>.json` and the two plots into out_dir; returns their paths."""
-    from retro_lit.plots import write_evaluation_plots
-
     stem = "eval_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(source).name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.json"
