@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 PROMPT = 'import json\n\n\ndef load(path):\n    """Read a JSON file."""\n'
 BASELINE = ["--model.config.cca_layers=[]", "--model.retrieval=false", "--model.eval_retrieval=off"]
-ALPHA = 0.125  # the paper's leakage threshold: a chunk sharing > 8 of 64 tokens with a neighbour
+COPY_RUN = 8  # the paper's leakage threshold, alpha = 0.125 at M = 64: a chunk sharing > 8 tokens with a neighbour
 
 
 def demo_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,8 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str):
 
 
 def run_demo(args) -> int:
-    from retro_lit.evaluate import evaluate_parser, markdown_table, run_evaluation
+    from retro_lit.database import open_workspace
+    from retro_lit.evaluate import ALPHAS, evaluate_parser, markdown_table, run_evaluation
     from retro_lit.generate import generate_main
 
     start = time.time()
@@ -92,8 +93,10 @@ def run_demo(args) -> int:
                                    args.retrain, "baseline")
 
     stage("evaluating the held-out test files: retrieval ON, OFF, random neighbours, baseline; bpb by overlap")
+    alpha = float(f"{COPY_RUN / open_workspace(workspace).chunk_len:g}")  # as --alphas parses it back
     eval_args = ["--ckpt_path", str(ckpt), "--workspace", str(workspace), "--split", "test", "--neighbors", "2",
-                 "--random_control", "--out_dir", str(run_dir), "--precision", "bf16"]
+                 "--random_control", "--out_dir", str(run_dir), "--precision", "bf16",
+                 "--alphas", ",".join(f"{a:g}" for a in sorted({alpha, *ALPHAS}))]
     eval_args += ["--max_tokens", str(args.eval_tokens)] if args.eval_tokens else []
     eval_args += ["--baseline_ckpt", str(baseline)] if baseline else []
     result, written = run_evaluation(evaluate_parser().parse_args(eval_args))
@@ -104,15 +107,16 @@ def run_demo(args) -> int:
                             "--show_retrieval", "--precision", "bf16"])
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
-    print("\n" + retrieval_summary(result))
+    print("\n" + retrieval_summary(result, alpha))
     print(f"\nworkspace:   {workspace}\ncheckpoint:  {ckpt}\nlogs:        {run_dir}  (metrics.csv under lightning_logs/)"
           f"\nevaluation:  {', '.join(str(p) for p in written)}")
     return status
 
 
-def retrieval_summary(result: dict, alpha: float = ALPHA) -> str:
+def retrieval_summary(result: dict, alpha: float) -> str:
     """What retrieval bought, in relative bpb: ON against OFF, the baseline and the random-neighbour control,
-    and ON against OFF on the chunks with and without a high-overlap neighbour (r(C) > alpha or not)."""
+    and ON against OFF on the chunks with and without a high-overlap neighbour (r(C) > alpha or not; alpha =
+    8 / M, the paper's 0.125 at M = 64)."""
     models = result["models"]
     on = next(m for name, m in models.items() if name.startswith("retrieval on"))
     off = models["retrieval off"]
@@ -122,9 +126,11 @@ def retrieval_summary(result: dict, alpha: float = ALPHA) -> str:
         base = models["baseline"]["bpb"]
         lines.append(f"ON vs baseline:  {rel(on['bpb'], base):+.1%} bpb ({on['bpb']:.4f} vs {base:.4f}, same steps)")
     random = next((m for name, m in models.items() if name.startswith("random")), None)
-    if random is not None and on["bpb"] < off["bpb"]:
-        kept = (off["bpb"] - random["bpb"]) / (off["bpb"] - on["bpb"])
-        lines.append(f"random control:  {random['bpb']:.4f} bpb, keeps {kept:.0%} of the ON-OFF gain")
+    if random is not None:
+        gain = off["bpb"] - on["bpb"]
+        kept = (f"keeps {(off['bpb'] - random['bpb']) / gain:.0%} of the ON-OFF gain" if gain > 1e-3 * off["bpb"]
+                else "(no ON-OFF gain to compare with)")
+        lines.append(f"random control:  {random['bpb']:.4f} bpb, {kept}")
     share = 1 - result["kept_fraction"][alpha]
     lines.append(f"chunks with r(C) > {alpha:g} ({share:.1%} of chunks): ON vs OFF "
                  f"{rel(on['bpb_above_alpha'][alpha], off['bpb_above_alpha'][alpha]):+.1%} bpb")
