@@ -152,8 +152,8 @@ class RetroDataModule(L.LightningDataModule):
         """
         Args:
             workspace: Folder of the chunk database (built by `prepare_data` when `corpus` is given).
-            corpus: Source documents: a text file, a folder, JSONL/Parquet, a saved HF dataset or `shakespeare`;
-                None uses an already built workspace as it is.
+            corpus: Source documents: a text file, a folder, JSONL/Parquet, a saved HF dataset, `python-stdlib[:pkgs]`
+                or `shakespeare`; None uses an already built workspace as it is.
             tokenizer: LM tokenizer spec: `bpe:N` (trained on the train split), `bytes`, `smollm2` or a path.
             chunk_size: Chunk length M in tokens (the paper's m = 64).
             seq_len: Training sequence length T in tokens; a multiple of `chunk_size`.

@@ -550,7 +550,8 @@ def build_db_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--corpus",
         required=True,
-        help="file, folder, .jsonl, .parquet, HF dataset folder, 'shakespeare' or 'linux-doc'",
+        help="file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' "
+        "or 'linux-doc'",
     )
     parser.add_argument("--workspace", required=True, help="output folder (resumed when it exists)")
     parser.add_argument("--tokenizer", default="bpe:8192", help="bpe:N, bytes, smollm2, or a local tokenizer")
