@@ -176,11 +176,11 @@ def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, bu
     calls = {"n": 0}
     forward = BERTForChunkEmbeddings.forward
 
-    def flaky(self, token_ids):
+    def flaky(self, token_ids, on_batch=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt("injected")
-        return forward(self, token_ids)
+        return forward(self, token_ids, on_batch)
 
     monkeypatch.setattr(BERTForChunkEmbeddings, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -328,6 +328,14 @@ def test_embedder_pools_over_real_tokens_only():
     batched = bert([short, long])  # padded to the long text in one batch
     assert batched.shape == (2, 16) and batched.dtype == torch.float32
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_embedder_reports_each_batch_for_progress_within_a_block():
+    bert = tiny_bert()  # batch_size 32
+    texts = [" ".join(WORDS[: 1 + i % 10]) for i in range(70)]
+    done = []
+    keys = bert.forward(bert.tokenize(texts), on_batch=done.append)
+    assert done == [32, 32, 6] and keys.shape == (70, 16)
 
 
 def test_real_minilm_matches_manual_mean_pooling(caplog):

@@ -346,13 +346,12 @@ def embed_chunks(
         for j, block in enumerate(todo):
             token_ids = pending.result()
             pending = pool.submit(prepare, todo[j + 1]) if j + 1 < len(todo) else None
-            keys = embedder.forward(token_ids).numpy().astype(np.float16)  # (b, E)
+            keys = embedder.forward(token_ids, on_batch=bar.update).numpy().astype(np.float16)  # (b, E)
             path = block_path(ws.root, block)
             with open(path.with_name(path.name + ".tmp"), "wb") as f:
                 np.save(f, keys)
             os.replace(path.with_name(path.name + ".tmp"), path)
             written.append(path)
-            bar.update(len(keys))
             if on_block is not None:
                 on_block(path)
     return written

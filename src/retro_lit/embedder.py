@@ -7,6 +7,7 @@ under fp16 or bf16.
 """
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,9 @@ class BERTForChunkEmbeddings:
         return ids
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[np.ndarray]) -> torch.Tensor:
-        """Embed pre-tokenized texts -> (n, E) float32, in length-sorted batches."""
+    def forward(self, token_ids: list[np.ndarray], on_batch: Callable[[int], object] | None = None) -> torch.Tensor:
+        """Embed pre-tokenized texts -> (n, E) float32, in length-sorted batches; `on_batch(n)` after each
+        batch of n texts (progress)."""
         out = torch.empty(len(token_ids), self.dim, dtype=torch.float32)  # (n, E)
         order = np.argsort([len(ids) for ids in token_ids], kind="stable")
         pad_id = self.tokenizer.pad_token_id or 0
@@ -109,6 +111,8 @@ class BERTForChunkEmbeddings:
                 ids[j, : len(token_ids[i])] = torch.from_numpy(token_ids[i])
                 mask[j, : len(token_ids[i])] = 1
             out[torch.from_numpy(rows)] = self._pool(ids.to(self.device), mask.to(self.device)).cpu()
+            if on_batch is not None:
+                on_batch(len(rows))
         return out
 
     def _pool(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
