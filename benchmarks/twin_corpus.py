@@ -17,6 +17,7 @@ Prints a table and one JSON line; ~10 min on 2 CPU cores.
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import time
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--out", default="/tmp/retro_twin", help="corpus, workspace and run folder")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the build's and training's progress lines
     out = Path(args.out)
     start = time.time()
     n_docs = write_twin_corpus(args.corpus, out / "corpus")
