@@ -236,6 +236,10 @@ def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspac
     assert evaluate_main(base + ["--split", "test", "--leakage_k", "2"]) == 0
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert result["leakage_k"] == 2 and result["neighbors"] == "precomputed k2_t16"
+    # held-out text has no exclusion, so a file built for another T serves a longer context too
+    assert evaluate_main(base + ["--split", "test", "--leakage_k", "2", "--seq_len", "32"]) == 0
+    result = json.loads((tmp_path / "eval_test.json").read_text())
+    assert result["seq_len"] == 32 and result["neighbors"] == "precomputed k2_t16"
 
 
 def test_searched_neighbors_extend_the_precomputed_ones(tiny_workspace):

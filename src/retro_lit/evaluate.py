@@ -255,14 +255,14 @@ class RandomNeighbors:
         return self.ws.neighbor_tokens(rng.integers(self.lo, self.hi, size=(len(chunks), self.k)))  # (C, k, R)
 
 
-def precomputed_file_k(ws, split: str, k: int, seq_len: int) -> int | None:
-    """K of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
-    exclusion never applies (the database is the train split), so any seq_len will do."""
+def precomputed_file(ws, split: str, k: int, seq_len: int) -> tuple[int, int] | None:
+    """(K, T) of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
+    exclusion never applies (the database is the train split), so a file built for any T will do."""
     name = SPLIT_ALIASES.get(split, split)
     for path in sorted((ws.root / "neighbors").glob(f"k*_t*/{name}.npy")):
         file_k, file_t = (int(part[1:]) for part in path.parent.name.split("_"))
         if file_k >= k and (file_t == seq_len or name != "train"):
-            return file_k
+            return file_k, file_t
     return None
 
 
@@ -446,14 +446,15 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
         if source == "precomputed":
             raise CommandError("--neighbor_source precomputed needs a workspace split, not --corpus")
         return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=False), "live"
-    file_k = precomputed_file_k(ws, split, k, seq_len) if source != "live" else None
-    if file_k is not None:
-        how, index = f"precomputed k{file_k}_t{seq_len}", None
+    found = precomputed_file(ws, split, k, seq_len) if source != "live" else None
+    if found is not None:
+        file_k, file_t = found
+        how, index = f"precomputed k{file_k}_t{file_t}", None
         if n > file_k:
             info = ws.manifest["stages"]["index"]
             index = load_index(index_files(ws.root, info), info.get("nprobe"))
             how += f" + {n - file_k} searched for r(C)"
-        return PrecomputedNeighbors(ws, split, n, file_k, seq_len, index), how
+        return PrecomputedNeighbors(ws, split, n, file_k, file_t, index), how
     if source == "precomputed":
         raise CommandError(f"no precomputed neighbours with k >= {k} for split {split!r} (seq_len {seq_len})")
     train = split in ("train", "fit")
