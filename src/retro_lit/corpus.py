@@ -28,6 +28,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -201,14 +202,20 @@ def _stdlib_packages(source) -> set[str] | None:
 
 def _stdlib_files(root: Path, packages: set[str] | None) -> list[Path]:
     """The library's .py files outside _STDLIB_SKIP folders (in `packages` only, when given), without the
-    empty package `__init__.py`s."""
+    empty package `__init__.py`s, sorted. The walk prunes skipped folders instead of globbing them:
+    site-packages and the test suite under the library folder are most of its files."""
     files = []
-    for file in _files(root, "**/*.py"):
-        parts = file.relative_to(root).parts
-        if _STDLIB_SKIP.intersection(parts[:-1]) or (packages and parts[0].removesuffix(".py") not in packages):
-            continue
-        if file.read_bytes().strip():
-            files.append(file)
+    for folder, subfolders, names in os.walk(root):
+        top = Path(folder) == root
+        subfolders[:] = [d for d in subfolders if d not in _STDLIB_SKIP and not d.startswith(".")
+                         and not (top and packages and d not in packages)]
+        for name in names:
+            file = Path(folder) / name
+            wanted = name.endswith(".py") and not name.startswith(".")
+            wanted = wanted and not (top and packages and name.removesuffix(".py") not in packages)
+            if wanted and file.is_file() and file.read_bytes().strip():
+                files.append(file)
+    files.sort()
     if not files:
         raise RetroDataError(f"no standard-library sources for {_stdlib_name(packages)} under {root}")
     return files
