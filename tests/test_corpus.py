@@ -114,5 +114,6 @@ def test_near_duplicate_training_documents_are_found():
     edited[200] = "changed"  # one word of 400: 13 of ~388 13-grams differ, Jaccard ~0.94
     texts = [words[0], " ".join(edited), words[1], words[2], words[3] + " " + words[2]]
     labels = np.array([2, 0, 0, 1, 0], dtype=np.int8)  # 0 test, 1 near-copy of it (train), 2 other, 3 val, 4 half
-    drop = corpus.near_duplicate_train_documents(texts, labels, threshold=0.8)
+    minhash = corpus.MinHash()
+    drop = corpus.near_duplicate_train_documents(np.stack([minhash(t) for t in texts]), labels, threshold=0.8)
     assert drop.tolist() == [False, True, False, False, False]  # held-out ones are never dropped; 4 is ~0.5

@@ -31,7 +31,7 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,30 +151,34 @@ def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: in
     return labels
 
 
-def minhash_signatures(texts: Iterable[str], ngram: int = 13, num_perm: int = 128, seed: int = 0) -> np.ndarray:
-    """MinHash signatures of each text's set of word `ngram`s -> (n_texts, num_perm) uint64; the share of
-    equal columns of two rows estimates the Jaccard similarity of their n-gram sets. A text shorter than
-    `ngram` words is one n-gram. Words are whitespace-split, so this runs before any LM tokenizer exists."""
-    rng = np.random.default_rng(seed)
-    a = rng.integers(1, 1 << 63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
-    b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
-    vocab: dict[str, int] = {}
-    rows = []
-    for text in texts:
+class MinHash:
+    """MinHash signature of a text's set of word `ngram`s -> (num_perm,) uint64; the share of equal entries of two
+    signatures estimates the Jaccard similarity of their n-gram sets. One instance signs every text of a corpus
+    (word ids are shared). A text shorter than `ngram` words is one n-gram. Words are whitespace-split, so this
+    runs before any LM tokenizer exists."""
+
+    def __init__(self, ngram: int = 13, num_perm: int = 128, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.ngram = ngram
+        self.a = rng.integers(1, 1 << 63, num_perm, dtype=np.uint64) | np.uint64(1)  # odd multipliers
+        self.b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str) -> np.ndarray:
+        vocab = self.vocab
         words = np.array([vocab.setdefault(w, len(vocab)) for w in _WORD.findall(text)] or [0], dtype=np.uint64)
-        n = max(1, len(words) - ngram + 1)
+        n = max(1, len(words) - self.ngram + 1)
         shingle = np.zeros(n, dtype=np.uint64)  # polynomial hash of each n-gram, wrapping in uint64
-        for j in range(min(ngram, len(words))):
+        for j in range(min(self.ngram, len(words))):
             shingle = shingle * np.uint64(1_000_003) + words[j: j + n]
-        hashed = shingle[:, None] * a + b  # (n, num_perm) one universal hash per permutation
-        rows.append((hashed >> np.uint64(16)).min(axis=0))
-    return np.stack(rows) if rows else np.zeros((0, num_perm), dtype=np.uint64)
+        hashed = shingle[:, None] * self.a + self.b  # (n, num_perm) one universal hash per permutation
+        return (hashed >> np.uint64(16)).min(axis=0)
 
 
-def near_duplicate_train_documents(texts: Iterable[str], labels: np.ndarray, threshold: float = 0.8) -> np.ndarray:
-    """The paper's train/test hygiene (§2.6, §4): training documents whose 13-gram Jaccard similarity (MinHash
-    estimate) to any validation or test document is >= threshold -> (n_docs,) bool, True = drop."""
-    signatures = minhash_signatures(texts)  # (n_docs, P)
+def near_duplicate_train_documents(signatures: np.ndarray, labels: np.ndarray, threshold: float = 0.8) -> np.ndarray:
+    """The paper's train/test hygiene (§2.6, §4): training documents whose 13-gram Jaccard similarity (estimated
+    from `MinHash` signatures (n_docs, P)) to any validation or test document is >= threshold -> (n_docs,) bool,
+    True = drop."""
     held_out, train = np.flatnonzero(labels > 0), np.flatnonzero(labels == 0)
     drop = np.zeros(len(labels), dtype=bool)
     for i in train:

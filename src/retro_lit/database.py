@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from retro_lit.corpus import (SPLITS, RetroDataError, corpus_fingerprint, iter_documents, near_duplicate_train_documents,
-                              split_documents)
+from retro_lit.corpus import (SPLITS, MinHash, RetroDataError, corpus_fingerprint, iter_documents,
+                              near_duplicate_train_documents, split_documents)
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors, neighbors_path
@@ -197,11 +197,15 @@ def chunk_corpus(
     Training documents near-duplicating a held-out one (13-gram Jaccard >= dedup_threshold; None keeps all)
     are left out of the workspace."""
     root = Path(workspace)
-    names = [doc.name for doc in progress(iter_documents(corpus), desc="scan", unit="doc", disable=quiet)]
+    names, signatures, minhash = [], [], MinHash() if dedup_threshold is not None else None
+    for doc in progress(iter_documents(corpus), desc="scan", unit="doc", disable=quiet):
+        names.append(doc.name)
+        if minhash is not None:  # signed in this pass: the split that the comparison needs comes after it
+            signatures.append(minhash(doc.text))
     labels = split_documents(len(names), split, seed)  # (n_docs,) int8 split of each doc, corpus order
     drop = np.zeros(len(names), dtype=bool)
-    if dedup_threshold is not None:
-        drop = near_duplicate_train_documents((doc.text for doc in iter_documents(corpus)), labels, dedup_threshold)
+    if minhash is not None:
+        drop = near_duplicate_train_documents(np.stack(signatures), labels, dedup_threshold)
         log.info("near-duplicates: %d training documents left out (13-gram Jaccard >= %g to a held-out one)",
                  drop.sum(), dedup_threshold)
     if tokenizer.startswith("bpe:"):
@@ -284,8 +288,8 @@ def _tokenize_to_file(
     counts = np.zeros(n_docs, dtype=np.int64)
     i, batch, chars = 0, [], 0
     with open(path, "wb") as f, progress(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
-        for doc in iter_documents(corpus):
-            batch.append("" if i + len(batch) < n_docs and drop[i + len(batch)] else doc.text)
+        for d, doc in enumerate(iter_documents(corpus)):
+            batch.append("" if d < n_docs and drop[d] else doc.text)
             chars += len(doc.text)
             if chars >= _TOKENIZE_BATCH_CHARS:
                 i = _write_tokens(tokenizer, batch, f, counts, i, dtype)
