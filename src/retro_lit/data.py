@@ -164,8 +164,8 @@ class RetroDataModule(L.LightningDataModule):
             seed: Seed of the document split (and of the copy warm-up's draws).
             dedup_threshold: Leave out training documents whose 13-gram Jaccard similarity to a validation or test
                 document is at least this (the paper's hygiene, MinHash estimate); None keeps them all.
-            copy_neighbor_rate: Share of training chunks whose last neighbour is replaced by a shifted copy of
-                their own text and continuation (copy warm-up, docs/retrieval.md); 0 trains on retrieved
+            copy_neighbor_rate: Share of training chunks whose last neighbour is replaced by a copy of their own
+                text and continuation, aligned or shifted (copy warm-up, docs/retrieval.md); 0 trains on retrieved
                 neighbours only. Validation and test always use the retrieved neighbours.
             batch_size: Global batch size, divided evenly among the devices.
             num_workers: DataLoader workers per device; None picks from the CPUs available.
