@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retro_lit.build import build_summary, build_workspace
 from retro_lit.corpus import iter_documents
-from retro_lit.database import build_summary, build_workspace, open_workspace, read_manifest
 from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.malloc import allocator_env
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import open_workspace, read_manifest
 
 log = logging.getLogger("build_db")
 CHARS_PER_TOKEN = 4.0  # rough, for picking the subsets; the real token counts are reported
@@ -74,7 +76,7 @@ def child(corpus: str, workspace: str, measure_raw: bool) -> dict:
         ws = open_workspace(workspace)
         n = min(RAW_SAMPLE, len(ws.chunks))
         rows = np.sort(np.random.default_rng(0).choice(len(ws.chunks), n, replace=False))
-        texts = ws.tokenizer.decode_batch([r[r != ws.pad_id].tolist() for r in ws.chunks[rows]])
+        texts = workspace_tokenizer(ws).decode_batch([r[r != ws.pad_id].tolist() for r in ws.chunks[rows]])
         token_ids = embedder.tokenize(texts)
         embedder.forward(token_ids[:256])  # warm-up
         t = time.perf_counter()

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from retro_lit.data import RetroDataset
-from retro_lit.database import open_workspace
 from retro_lit.lit import warmup_cosine
 from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import open_workspace
 
 
 def build_model(args, vocab_size: int, chunk_len: int) -> RetroModel:
@@ -105,7 +106,7 @@ def main() -> None:
     train = RetroDataset(args.workspace, "train", args.seq_len, args.kfile, args.copy_rate, args.seed)
     probe = RetroDataset(args.workspace, "train", args.seq_len, args.kfile, copy_neighbor_rate=1.0, seed=99)
     val = RetroDataset(args.workspace, "val", args.seq_len, args.kfile)
-    model = build_model(args, ws.tokenizer.vocab_size, ws.chunk_len)
+    model = build_model(args, workspace_tokenizer(ws).vocab_size, ws.chunk_len)
     opt = optimizer(model, args)
     rng, start = np.random.default_rng(args.seed), time.time()
     for step in range(args.steps + 1):

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from retro_lit.corpus import iter_documents
-from retro_lit.database import open_workspace
 from retro_lit.demo import fit_or_reuse
 from retro_lit.evaluate import Scorer, choose_neighbors, evaluate_documents, workspace_documents
 from retro_lit.generate import load_checkpoint, precision_context
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import open_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "python-stdlib:json,email,logging,http,urllib,concurrent,importlib,collections,xmlrpc,wsgiref"
@@ -81,7 +82,7 @@ def main() -> int:
     results = {}
     with precision_context("bf16", torch.device("cpu")):
         for group, docs in groups.items():
-            results[group] = evaluate_documents(scorers, docs, neighbors_of, ws.tokenizer.token_bytes, seq_len,
+            results[group] = evaluate_documents(scorers, docs, neighbors_of, workspace_tokenizer(ws).token_bytes, seq_len,
                                                 ws.chunk_len, leakage_k=k, alphas=(0.125, 0.999))
     copies = results["twin in database"]
     copy_on = copies["models"]["on"]["bpb_above_alpha"][0.999]

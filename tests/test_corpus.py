@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from retro_lit import corpus
-from retro_lit.corpus import RetroDataError, corpus_fingerprint, iter_documents, split_documents
+from retro_lit.corpus import corpus_fingerprint, iter_documents, split_documents
+from retro_lit.workspace import RetroError
 
 
 def test_plain_text_splits_at_two_or_more_empty_lines(tmp_path):
@@ -46,7 +47,7 @@ def test_jsonl_parquet_and_hf_dataset_keep_ids(tmp_path):
     ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     assert [(d.name, d.text) for d in iter_documents(tmp_path / "hf")] == [("x7", "alpha"), ("y8", "beta")]
-    with pytest.raises(RetroDataError, match="no 'content' column"):
+    with pytest.raises(RetroError, match="no 'content' column"):
         list(iter_documents(tmp_path / "hf", text_column="content"))
 
 
@@ -57,7 +58,7 @@ def test_shakespeare_is_one_document_per_play():
 
 def test_linux_doc_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(corpus, "LINUX_DOC_DIR", tmp_path / "absent")
-    with pytest.raises(RetroDataError, match="apt-get install -y linux-doc-6.1"):
+    with pytest.raises(RetroError, match="apt-get install -y linux-doc-6.1"):
         list(iter_documents("linux-doc"))
 
 
@@ -69,9 +70,9 @@ def test_bad_files_raise_one_clear_line(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(RetroDataError, match=message):
+    with pytest.raises(RetroError, match=message):
         list(iter_documents(path))
-    assert issubclass(RetroDataError, ValueError)
+    assert issubclass(RetroError, ValueError)
 
 
 def test_split_is_seeded_by_document_and_never_empty():
@@ -81,9 +82,9 @@ def test_split_is_seeded_by_document_and_never_empty():
     assert np.bincount(labels).tolist() == [16, 2, 2]
     assert np.bincount(split_documents(3, (0.98, 0.01, 0.01), seed=0)).tolist() == [1, 1, 1]
     assert split_documents(1, (1.0, 0.0, 0.0), seed=0).tolist() == [0]
-    with pytest.raises(RetroDataError, match="needs at least 3"):
+    with pytest.raises(RetroError, match="needs at least 3"):
         split_documents(2, (0.9, 0.05, 0.05), seed=0)
-    with pytest.raises(RetroDataError, match="summing to 1"):
+    with pytest.raises(RetroError, match="summing to 1"):
         split_documents(10, (0.5, 0.1, 0.1), seed=0)
 
 
@@ -103,7 +104,7 @@ def test_python_stdlib_is_one_document_per_source_file_without_tests():
     assert all(text.strip() for text in docs.values())  # empty __init__.py files are left out
     assert set(name.split("/")[0] for name in docs) == {"json", "email"}
     assert corpus_fingerprint("python-stdlib:json") != corpus_fingerprint("python-stdlib:email")
-    with pytest.raises(RetroDataError, match="python-stdlib:nope"):
+    with pytest.raises(RetroError, match="python-stdlib:nope"):
         list(iter_documents("python-stdlib:nope"))
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retro_lit.corpus import RetroDataError
 from retro_lit.data import IGNORE_INDEX, RetroDataModule, RetroDataset, RetroSample
-from retro_lit.database import open_workspace
 from retro_lit.embedder import default_model_path
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import RetroError, open_workspace
 
 M, K, T = 8, 2, 32
 L = T // M
@@ -80,7 +80,7 @@ def test_sample_layout(built):
         assert sample.targets.tolist() == expected.tolist()
         kept = sample.targets != IGNORE_INDEX
         assert (sample.target_bytes[~kept] == 0).all()
-        assert sample.target_bytes[kept].tolist() == ws.tokenizer.token_bytes[sample.targets[kept].numpy()].tolist()
+        assert sample.target_bytes[kept].tolist() == workspace_tokenizer(ws).token_bytes[sample.targets[kept].numpy()].tolist()
         ids = ws.neighbors("train", K, T)[s * L : (s + 1) * L]
         assert sample.neighbors.tolist() == ws.neighbor_tokens(np.asarray(ids)).tolist()
 
@@ -122,19 +122,19 @@ def test_per_device_batch_size(built):
     dm.setup("validate")
     assert dm.per_device_batch_size == 4 and dm.val_dataloader().batch_size == 4
     dm.trainer = SimpleNamespace(world_size=3, num_devices=3)
-    with pytest.raises(RetroDataError, match="divisible by the number of devices"):
+    with pytest.raises(RetroError, match="divisible by the number of devices"):
         dm.setup("validate")
 
 
 def test_missing_workspace_fails_clearly(tmp_path):
-    with pytest.raises(RetroDataError, match="no built workspace"):
+    with pytest.raises(RetroError, match="no built workspace"):
         RetroDataModule(str(tmp_path / "missing"), tokenizer="bytes").setup("fit")
 
 
 def test_other_chunk_size_is_refused(built):
-    with pytest.raises(RetroDataError, match="chunk_len"):
+    with pytest.raises(RetroError, match="chunk_len"):
         RetroDataModule(**{**built, "chunk_size": 4, "seq_len": T}).prepare_data()
-    with pytest.raises(RetroDataError, match="data.chunk_size is 4"):
+    with pytest.raises(RetroError, match="data.chunk_size is 4"):
         RetroDataModule(**{**built, "corpus": None, "chunk_size": 4}).setup("fit")
 
 

@@ -6,11 +6,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retro_lit.corpus import RetroDataError
-from retro_lit.database import build_db_main, build_workspace, open_workspace
+from retro_lit.build import build_workspace
+from retro_lit.distributed import build_db_main
 from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
 from retro_lit.index import RetroIndex
 from retro_lit.neighbors import excluded_ranges
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import RetroError, open_workspace
 
 M, K, T = 8, 2, 32
 WORDS = "river stone cloud lamp ember frost hollow quill meadow cinder harbor lantern orchard".split()
@@ -79,7 +81,7 @@ def test_layout_and_chunk_round_trip(built):
         rows = ws.chunks[ws.doc_offsets[doc["doc"]] : ws.doc_offsets[doc["doc"] + 1]].reshape(-1)
         assert (rows[doc["n_tokens"] :] == ws.pad_id).all()
         original = texts[int(doc["name"].split("#")[1])]
-        assert ws.tokenizer.decode(rows[: doc["n_tokens"]]).strip() == original.strip()
+        assert workspace_tokenizer(ws).decode(rows[: doc["n_tokens"]]).strip() == original.strip()
     first = 0
     for split in ("train", "val", "test"):  # contiguous ranges in split order
         a, b = ws.split_range(split)
@@ -213,7 +215,7 @@ def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, embedder):
 def test_settings_mismatch_is_refused_naming_the_setting(built, embedder, setting, value):
     root, corpus = built
     before = snapshot(root)
-    with pytest.raises(RetroDataError, match=f"built with {setting}="):
+    with pytest.raises(RetroError, match=f"built with {setting}="):
         build(
             root, corpus, embedder, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {})
         )
@@ -222,7 +224,7 @@ def test_settings_mismatch_is_refused_naming_the_setting(built, embedder, settin
 
 def test_changed_corpus_is_refused(tmp_path, built, embedder):
     root, _ = built
-    with pytest.raises(RetroDataError, match="built with corpus"):
+    with pytest.raises(RetroError, match="built with corpus"):
         build(root, make_corpus(tmp_path / "other.txt", seed=1), embedder)
 
 
@@ -238,7 +240,7 @@ def test_changed_corpus_is_refused(tmp_path, built, embedder):
 )
 def test_bad_build_settings(tmp_path, embedder, kw, message):
     corpus = make_corpus(tmp_path / "c.txt")
-    with pytest.raises(RetroDataError, match=message):
+    with pytest.raises(RetroError, match=message):
         build(tmp_path / "ws", corpus, embedder, **kw)
     assert not (tmp_path / "ws" / "chunks.npy").exists()
     assert not list((tmp_path / "ws").glob("*.tmp"))
@@ -247,9 +249,9 @@ def test_bad_build_settings(tmp_path, embedder, kw, message):
 def test_unwritable_workspace_and_unknown_embedder(tmp_path, embedder):
     corpus = make_corpus(tmp_path / "c.txt")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(RetroDataError, match="not writable"):
+    with pytest.raises(RetroError, match="not writable"):
         build(tmp_path / "file" / "ws", corpus, embedder)
-    with pytest.raises(RetroDataError, match="not available offline: pass a local model folder"):
+    with pytest.raises(RetroError, match="not available offline: pass a local model folder"):
         BERTForChunkEmbeddings(str(tmp_path / "no-such-bert"), "cpu")
 
 
@@ -269,7 +271,7 @@ def test_build_db_main_errors_return_2(tmp_path, capsys):
 def test_a_failed_first_build_does_not_pin_its_settings(tmp_path, embedder):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(RetroDataError, match="not UTF-8"):
+    with pytest.raises(RetroError, match="not UTF-8"):
         build(tmp_path / "ws", corpus, embedder)
     make_corpus(corpus)
     build(tmp_path / "ws", corpus, embedder)
@@ -311,12 +313,12 @@ def test_retro_index_live_search(built, embedder):
     assert result.ids.shape == (2, 3) and result.tokens.shape == (2, 3, 2 * M)
     assert (result.ids < ws.split_range("train")[1]).all() and np.all(np.diff(result.distances, axis=1) >= 0)
     assert result.doc_names[0][0] == ws.documents[result.doc_ids[0, 0]]["name"]
-    text = ws.tokenizer.decode(ws.chunks[0][ws.chunks[0] != ws.pad_id])
+    text = workspace_tokenizer(ws).decode(ws.chunks[0][ws.chunks[0] != ws.pad_id])
     first = index.search([text], k=1)
     assert first.ids[0, 0] == 0 or first.distances[0, 0] < 1e-2  # a train chunk finds itself
     excluded = index.search([text], k=2, exclude_docs=[int(ws.chunk_doc[0])])
     assert int(ws.chunk_doc[0]) not in excluded.doc_ids[0].tolist()
-    with pytest.raises(RetroDataError, match="chunk_len"):
+    with pytest.raises(RetroError, match="chunk_len"):
         RetroIndex(built[0], M + 1, bert=embedder).search(["x"])
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from retro_lit.database import Workspace
 from retro_lit.diagnose import CCANorms, copyable_share
 from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.workspace import Workspace
 
 M, K = 4, 2
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 from faiss.contrib.datasets import SyntheticDataset
 
-from retro_lit.corpus import RetroDataError
-from retro_lit.database import build_db_main, open_workspace
-from retro_lit.distributed import FAULT_ENV, Placement, build_workspace_distributed
+from retro_lit.distributed import FAULT_ENV, Placement, build_db_main, build_workspace_distributed
 from retro_lit.index import load_index, search_excluding
+from retro_lit.workspace import RetroError, open_workspace
 from test_database import K, M, T, build, make_corpus, snapshot, tiny_bert
 
 TWO_CPUS = Placement("cpu", 2, 1, "ddp")
@@ -141,7 +140,7 @@ def test_sharded_ivf_search_equals_unsharded(tmp_path):
     ],
 )
 def test_bad_placement_is_refused_naming_the_flag(placement, message):
-    with pytest.raises(RetroDataError, match=message):
+    with pytest.raises(RetroError, match=message):
         placement.resolve()
 
 
@@ -155,7 +154,7 @@ def test_multi_node_needs_the_rendezvous_variables(tmp_path, monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     corpus = make_corpus(tmp_path / "c.txt", n_docs=5)
-    with pytest.raises(RetroDataError, match="MASTER_ADDR, MASTER_PORT, NODE_RANK"):
+    with pytest.raises(RetroError, match="MASTER_ADDR, MASTER_PORT, NODE_RANK"):
         build_workspace_distributed(
             tmp_path / "ws", corpus, placement=Placement("cpu", 1, 2), embedder=tiny_bert()
         )
@@ -163,7 +162,7 @@ def test_multi_node_needs_the_rendezvous_variables(tmp_path, monkeypatch):
 
 def test_a_bad_setting_is_one_clear_error_before_any_process_starts(tmp_path):
     corpus = make_corpus(tmp_path / "c.txt", n_docs=5)
-    with pytest.raises(RetroDataError, match="multiple of chunk_len"):
+    with pytest.raises(RetroError, match="multiple of chunk_len"):
         build_workspace_distributed(
             tmp_path / "ws", corpus, placement=TWO_CPUS, embedder=tiny_bert(), **BUILD | {"seq_len": 12}
         )

@@ -168,7 +168,7 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     from retro_lit.evaluate import evaluate_main
 
     ws, ckpt, embedder = build_tiny_workspace(tmp_path)
-    monkeypatch.setattr("retro_lit.embedder.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     out = tmp_path / "out"
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1,2", "--device", "cpu", "--quiet"]
     assert evaluate_main(base + ["--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),
@@ -195,7 +195,7 @@ def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
 
     from test_generate import build_tiny_workspace
 
-    from retro_lit.database import open_workspace
+    from retro_lit.workspace import open_workspace
     from retro_lit.evaluate import RandomNeighbors, evaluate_main
 
     ws_path, ckpt, _ = build_tiny_workspace(tmp_path)
@@ -246,7 +246,7 @@ def test_searched_neighbors_extend_the_precomputed_ones(tiny_workspace):
     """Held-out text: the file's 2, then 8 searched, are its 10 nearest chunks. Train text: not its own document."""
     import faiss
 
-    from retro_lit.database import open_workspace
+    from retro_lit.workspace import open_workspace
     from retro_lit.evaluate import PrecomputedNeighbors, workspace_documents
     from retro_lit.index import index_files, load_index
 

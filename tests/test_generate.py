@@ -140,7 +140,7 @@ def build_tiny_workspace(root):
     import lightning
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from retro_lit.database import build_workspace
+    from retro_lit.build import build_workspace
     from retro_lit.embedder import BERTForChunkEmbeddings
     from retro_lit.lit import RetroLM
 
@@ -169,7 +169,7 @@ def test_generate_command_shows_each_retrieval(tmp_path, monkeypatch, capsys):
     from retro_lit.generate import generate_main
 
     ws, ckpt, embedder = build_tiny_workspace(tmp_path)
-    monkeypatch.setattr("retro_lit.embedder.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     argv = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--prompt", "the king", "--max_new_tokens", "6",
             "--temperature", "0", "--show_retrieval", "--device", "cpu"]
     assert generate_main(argv) == 0

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from faiss.contrib.datasets import SyntheticDataset
 
-from retro_lit.corpus import RetroDataError
 from retro_lit.index import auto_factory, check_factory, search_excluding
+from retro_lit.workspace import RetroError
 
 
 def _recall(index, ds, k):
@@ -37,7 +37,7 @@ def test_auto_factory_by_size():
 
 def test_invalid_factory_is_refused():
     check_factory("IVF16,Flat", 8)
-    with pytest.raises(RetroDataError, match="invalid faiss index factory"):
+    with pytest.raises(RetroError, match="invalid faiss index factory"):
         check_factory("NotAnIndex,,", 8)
 
 

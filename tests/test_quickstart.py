@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from retro_lit import build_database, build_dataset
-from retro_lit.corpus import RetroDataError
+from retro_lit.workspace import RetroError
 from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_bad_input_is_refused_and_leaves_the_workspace_intact(built, case, tmp_p
         "chunk_len": lambda: build_database(root / "ws", text, bert=tiny_bert(), chunk_len=0),
         "other_chunk_len": lambda: build_dataset(root / "ws", text, chunk_len=8),
     }
-    with pytest.raises((RetroDataError, FileNotFoundError)) as err:
+    with pytest.raises((RetroError, FileNotFoundError)) as err:
         calls[case]()
     assert "\n" not in str(err.value)
     assert snapshot(root / "ws") == before

@@ -3,8 +3,8 @@ import sys
 import numpy as np
 import pytest
 
-from retro_lit.corpus import RetroDataError
 from retro_lit.tokenizer import _smollm2_json, byte_tokenizer, load_tokenizer, tokenizer_vocab_size, train_bpe
+from retro_lit.workspace import RetroError
 
 TEXT = "Café naïve — 日本語  tabs\tand\n\nnewlines, émoji 🤖 end"
 
@@ -39,12 +39,12 @@ def test_vocab_size_is_known_before_training():
 
 @pytest.mark.parametrize("spec, message", [("bpe:abc", "expected bpe:N"), ("no/such/tokenizer", "neither")])
 def test_bad_specs_raise(spec, message):
-    with pytest.raises(RetroDataError, match=message):
+    with pytest.raises(RetroError, match=message):
         load_tokenizer(spec)
 
 
 def test_bpe_needs_a_built_workspace(tmp_path):
-    with pytest.raises(RetroDataError, match="trained by the build"):
+    with pytest.raises(RetroError, match="trained by the build"):
         load_tokenizer("bpe:512", tmp_path)
 
 

@@ -20,8 +20,8 @@ _EXPORTS = {
     # the framework
     "RetroConfig": "retro_lit.model",
     "RetroCache": "retro_lit.model",
-    "build_workspace": "retro_lit.database",
-    "open_workspace": "retro_lit.database",
+    "build_workspace": "retro_lit.build",
+    "open_workspace": "retro_lit.workspace",
     "load_tokenizer": "retro_lit.tokenizer",
     "RetroDataset": "retro_lit.data",
     "RetroDataModule": "retro_lit.data",

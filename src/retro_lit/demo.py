@@ -42,7 +42,7 @@ def demo_parser() -> argparse.ArgumentParser:
 
 def demo_main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit status (2 with one `error:` line for bad input)."""
-    from retro_lit.corpus import RetroDataError
+    from retro_lit.workspace import RetroError
     from retro_lit.generate import CommandError
 
     args = demo_parser().parse_args(argv)
@@ -51,7 +51,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_demo(args)
-    except (RetroDataError, CommandError, FileNotFoundError, ValueError) as e:
+    except (RetroError, CommandError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -75,7 +75,7 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str):
 
 
 def run_demo(args) -> int:
-    from retro_lit.database import open_workspace
+    from retro_lit.workspace import open_workspace
     from retro_lit.evaluate import ALPHAS, evaluate_parser, markdown_table, run_evaluation
     from retro_lit.generate import generate_main
 

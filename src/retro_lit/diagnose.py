@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from retro_lit.corpus import SPLITS, RetroDataError
-from retro_lit.database import SPLIT_ALIASES, Workspace, open_workspace
 from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, evaluate_documents,
                                 longest_common_substring, workspace_documents)
 from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
 from retro_lit.retrofit import RetroFitModel
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import SPLIT_ALIASES, SPLITS, RetroError, Workspace, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def diagnose_checkpoint(model: nn.Module, ws: Workspace, split: str, k: int, seq
     """CCA update norms while scoring the split's first ~max_tokens tokens with its precomputed neighbours
     (`neighbors/k{k}_t{seq_len}`), and bpb with retrieval ON, with random train chunks, and OFF."""
     documents = capped(workspace_documents(ws, split), max_tokens)
-    score = partial(evaluate_documents, documents=documents, token_bytes=ws.tokenizer.token_bytes, seq_len=seq_len,
+    score = partial(evaluate_documents, documents=documents, token_bytes=workspace_tokenizer(ws).token_bytes, seq_len=seq_len,
                     chunk_len=ws.chunk_len, batch_size=batch_size)
     with CCANorms(model) as norms:
         on_off = score({"retrieval on": Scorer(model, k), "retrieval off": Scorer(model, None)},
@@ -155,7 +155,7 @@ def diagnose_main(argv: list[str] | None = None) -> int:
     """`retro-lit diagnose`: tables on stdout, optionally JSON; bad input -> one `error:` line, exit 2."""
     try:
         result = run_diagnosis(diagnose_parser().parse_args(argv))
-    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))

@@ -24,11 +24,13 @@ wrappers that set RANK, LOCAL_RANK and WORLD_SIZE) the current process is one ra
 Multi-node runs read MASTER_ADDR, MASTER_PORT and NODE_RANK from the environment (see docs/scaling.md).
 """
 
+import argparse
 import datetime
 import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,26 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from retro_lit.corpus import RetroDataError
-from retro_lit.database import (
-    STAGES,
-    block_path,
-    build_summary,
-    build_workspace,
-    embed_chunks,
-    format_summary,
-    mark_stage,
-    open_workspace,
-    read_manifest,
-)
+from retro_lit.build import build_summary, build_workspace, format_summary
 from retro_lit.embedder import BERTForChunkEmbeddings
-from retro_lit.index import (
-    fill_index_shard,
-    finish_index_shards,
-    num_index_shards,
-    train_index_shards,
-)
+from retro_lit.embeddings import embed_chunks
+from retro_lit.index import fill_index_shard, finish_index_shards, num_index_shards, train_index_shards
 from retro_lit.neighbors import compute_neighbor_parts, merge_neighbor_parts, neighbor_parts
+from retro_lit.workspace import STAGES, RetroError, block_path, mark_stage, neighbors_key, open_workspace, stage_done
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +73,13 @@ class Placement:
     device), single_device (devices must be 1); `ddp_find_unused_parameters_*` variants too."""
 
     def resolve(self) -> tuple[str, int, int]:
-        """(accelerator `cpu`|`gpu`, devices per node, num_nodes); raises RetroDataError naming the flag."""
+        """(accelerator `cpu`|`gpu`, devices per node, num_nodes); raises RetroError naming the flag."""
         accelerator = str(self.accelerator).lower()
         if accelerator not in ACCELERATORS:
-            raise RetroDataError(f"--trainer.accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
+            raise RetroError(f"--trainer.accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         strategy = str(self.strategy).lower()
         if strategy not in STRATEGIES and not strategy.startswith(("ddp_", "fsdp", "deepspeed")):
-            raise RetroDataError(f"--trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
+            raise RetroError(f"--trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
         cuda = torch.cuda.is_available()
         if accelerator in ("gpu", "cuda") and not cuda:
             log.warning("--trainer.accelerator %s but CUDA is not available; building on CPU", accelerator)
@@ -102,15 +90,15 @@ class Placement:
             try:
                 devices = int(self.devices)
             except ValueError:
-                raise RetroDataError(
+                raise RetroError(
                     f"--trainer.devices must be a count or 'auto', got {self.devices!r}"
                 ) from None
         if devices <= 0 or int(self.num_nodes) <= 0:
-            raise RetroDataError("--trainer.devices and --trainer.num_nodes must be > 0")
+            raise RetroError("--trainer.devices and --trainer.num_nodes must be > 0")
         if gpu and devices > torch.cuda.device_count():
-            raise RetroDataError(f"--trainer.devices {devices} but only {torch.cuda.device_count()} GPUs")
+            raise RetroError(f"--trainer.devices {devices} but only {torch.cuda.device_count()} GPUs")
         if strategy == "single_device" and devices * int(self.num_nodes) > 1:
-            raise RetroDataError("--trainer.strategy single_device needs --trainer.devices 1 and num_nodes 1")
+            raise RetroError("--trainer.strategy single_device needs --trainer.devices 1 and num_nodes 1")
         return ("gpu" if gpu else "cpu"), devices, int(self.num_nodes)
 
 
@@ -131,9 +119,9 @@ def build_workspace_distributed(
     """
     accelerator, devices, num_nodes = placement.resolve()
     if index_shards <= 0:
-        raise RetroDataError(f"--index_shards must be > 0, got {index_shards}")
+        raise RetroError(f"--index_shards must be > 0, got {index_shards}")
     if "device" in build_kwargs:
-        raise RetroDataError("pass the device through placement.accelerator, not device=")
+        raise RetroError("pass the device through placement.accelerator, not device=")
     job = _Job(Path(workspace), corpus, embedder, index_shards, accelerator, build_kwargs)
     if _external_launcher():
         _run_rank(int(os.environ["LOCAL_RANK"]), job, None, None, None)
@@ -157,7 +145,7 @@ def build_workspace_distributed(
     finally:
         message = None if errors.empty() else errors.get()
     if message is not None:  # a bad setting or corpus, found on some rank: one clear error, like 1 process
-        raise RetroDataError(message)
+        raise RetroError(message)
     if node_rank == 0 and build_kwargs.get("until", "neighbors") == "neighbors":
         k, seq_len = build_kwargs.get("num_neighbors", 2), build_kwargs.get("seq_len", 2048)
         log.info("%s", format_summary(build_summary(workspace, k, seq_len)))
@@ -198,8 +186,8 @@ class _Group:
             raise error
         for rank, (failed, _) in enumerate(statuses):
             if failed is not None:
-                if failed[0] == "RetroDataError":
-                    raise RetroDataError(failed[1])
+                if failed[0] == "RetroError":
+                    raise RetroError(failed[1])
                 raise RuntimeError(f"rank {rank} of the database build failed: {failed[0]}: {failed[1]}")
         return [r for _, r in statuses]
 
@@ -226,7 +214,7 @@ def _run_rank(local_rank: int, job: _Job, address, layout, errors) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=STAGE_TIMEOUT)
     try:
         _build_ranked(_Group(rank, world, local_rank, local_world), job)
-    except RetroDataError as e:
+    except RetroError as e:
         if rank == 0 and errors is not None:
             errors.put(str(e))
         if errors is None:
@@ -240,7 +228,7 @@ def _build_ranked(group: _Group, job: _Job) -> None:
     kw = dict(job.build_kwargs)
     until, quiet = kw.get("until", "neighbors"), kw.get("quiet", True)
     if until not in STAGES:
-        raise RetroDataError(f"until must be one of {STAGES}, got {until!r}")
+        raise RetroError(f"until must be one of {STAGES}, got {until!r}")
     device = _device(job.accelerator, group.local_rank)
     embedder = _rank_embedder(job.embedder, device, kw.pop("batch_size", 128))
     root, fault = job.root, _Fault.from_env(group.rank)
@@ -255,7 +243,7 @@ def _build_ranked(group: _Group, job: _Job) -> None:
     on_zero("chunks")
     if until == "chunks":
         return
-    if not _done(root, "embeddings"):
+    if not stage_done(root, "embeddings"):
         ws = open_workspace(root)
         size = int(ws.manifest["settings"]["block_size"])
         n_blocks = math.ceil(len(ws.chunks) / size)
@@ -276,7 +264,7 @@ def _build_ranked(group: _Group, job: _Job) -> None:
         return
     if job.index_shards == 1:
         on_zero("index")
-    elif not _done(root, "index"):
+    elif not stage_done(root, "index"):
         _build_index_shards(group, job, kw, device)
     if until == "index":
         return
@@ -304,8 +292,8 @@ def _build_index_shards(group: _Group, job: _Job, kw: dict, device: str) -> None
 
 def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault: "_Fault") -> None:
     k, seq_len = kw.get("num_neighbors", 2), kw.get("seq_len", 2048)
-    key = f"neighbors/k{k}_t{seq_len}"
-    if _done(ws_root, key):
+    key = neighbors_key(k, seq_len)
+    if stage_done(ws_root, key):
         return
     ws = open_workspace(ws_root)
     nprobe = ws.manifest["stages"]["index"].get("nprobe")
@@ -361,11 +349,6 @@ def _mark_embeddings(root: Path, embedder, n_blocks: int, n_new: int, seconds: f
     mark_stage(root, "embeddings", info)
 
 
-def _done(root: Path, stage: str) -> bool:
-    manifest = read_manifest(root)
-    return bool(manifest and manifest["stages"].get(stage, {}).get("done"))
-
-
 def _device(accelerator: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if accelerator == "gpu" else "cpu"
 
@@ -402,7 +385,7 @@ def _rendezvous(num_nodes: int) -> tuple[str, int, int]:
         return env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or _free_port(), 0
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if v not in env]
     if missing:
-        raise RetroDataError(f"--trainer.num_nodes {num_nodes} needs {', '.join(missing)} in the environment")
+        raise RetroError(f"--trainer.num_nodes {num_nodes} needs {', '.join(missing)} in the environment")
     return env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["NODE_RANK"])
 
 
@@ -437,3 +420,100 @@ class _Fault:
             if self.mode == "exit":
                 os._exit(17)
             raise RuntimeError(f"injected fault in stage {stage} after {self.seen} files ({FAULT_ENV})")
+
+
+def build_db_main(argv: list[str] | None = None) -> int:
+    """`retro-lit build-db`: build or resume a workspace, print its summary; bad input -> exit code 2."""
+    parser = argparse.ArgumentParser(prog="retro-lit build-db", description=build_db_main.__doc__)
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        help="file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' "
+        "or 'linux-doc'",
+    )
+    parser.add_argument("--workspace", required=True, help="output folder (resumed when it exists)")
+    parser.add_argument("--tokenizer", default="bpe:8192", help="bpe:N, bytes, smollm2, or a local tokenizer")
+    parser.add_argument("--chunk_len", type=int, default=64, help="tokens per chunk (M)")
+    parser.add_argument(
+        "--embedder", default=None, help="BERT model folder or cached name (default all-MiniLM-L6-v2)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--index", default="auto", help="'auto' or a faiss index_factory string, e.g. IVF1024,Flat"
+    )
+    parser.add_argument("--num_neighbors", type=int, default=2, help="neighbours per chunk (K)")
+    parser.add_argument(
+        "--seq_len", type=int, default=2048, help="training sequence length (T), for neighbour exclusion"
+    )
+    parser.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of the documents")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document split and index sampling")
+    parser.add_argument("--dedup_threshold", type=float, default=0.8,
+                        help="leave out training documents with 13-gram Jaccard >= this to a held-out one; <= 0: keep all")
+    parser.add_argument("--batch_size", type=int, default=128, help="embedder batch size")
+    parser.add_argument(
+        "--block_size", type=int, default=16384, help="chunks per embedding block / query part"
+    )
+    parser.add_argument(
+        "--index_shards",
+        type=int,
+        default=1,
+        help="write the index as N shards (faiss IndexShards at search)",
+    )
+    placement = parser.add_argument_group("placement (Lightning-style; see docs/scaling.md)")
+    placement.add_argument(
+        "--trainer.accelerator",
+        dest="accelerator",
+        default=None,
+        help="cpu, gpu or auto (default: from --device)",
+    )
+    placement.add_argument(
+        "--trainer.devices", dest="devices", default="1", help="processes per node (one per GPU), or auto"
+    )
+    placement.add_argument(
+        "--trainer.num_nodes",
+        dest="num_nodes",
+        type=int,
+        default=1,
+        help="nodes (MASTER_ADDR, NODE_RANK set)",
+    )
+    placement.add_argument(
+        "--trainer.strategy",
+        dest="strategy",
+        default="auto",
+        help="auto, ddp, ddp_spawn, fsdp, ...: all DDP-style",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        split = tuple(float(f) for f in args.split.split(","))
+        if len(split) != 3:
+            raise ValueError
+    except ValueError:
+        print(f"error: --split must be three comma-separated fractions, got {args.split!r}", file=sys.stderr)
+        return 2
+    accelerator = args.accelerator or ("gpu" if args.device.startswith("cuda") else args.device)
+    placement = Placement(accelerator, args.devices, args.num_nodes, args.strategy)
+    try:
+        build_workspace_distributed(
+            args.workspace,
+            args.corpus,
+            placement=placement,
+            index_shards=args.index_shards,
+            tokenizer=args.tokenizer,
+            chunk_len=args.chunk_len,
+            embedder=args.embedder,
+            index=args.index,
+            num_neighbors=args.num_neighbors,
+            seq_len=args.seq_len,
+            split=split,
+            seed=args.seed,
+            dedup_threshold=args.dedup_threshold if args.dedup_threshold > 0 else None,
+            batch_size=args.batch_size,
+            block_size=args.block_size,
+            quiet=args.quiet,
+        )
+    except (RetroError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

