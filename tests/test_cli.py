@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from retro_lit.cli import EXTRA_COMMANDS, RetroCLI, main
+from retro_lit.cli import RetroCLI
+from retro_lit.commands import COMMANDS, Command, main
 from retro_lit.data import RetroDataModule
 from test_data import save_tiny_bert, write_corpus
 
@@ -92,9 +93,43 @@ def test_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", *EXTRA_COMMANDS):
+    for command in ("fit", "validate", "test", "predict", *COMMANDS):
         assert f"    {command} " in out
-    assert set(EXTRA_COMMANDS) == {"build-db", "generate", "evaluate", "diagnose", "demo"}
+    assert set(COMMANDS) == {"build-db", "generate", "evaluate", "diagnose", "demo"}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_and_prints_its_config(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "--config CONFIG" in capsys.readouterr().out
+    required = {"build-db": ["--corpus", "c", "--workspace", "w"], "generate": ["--ckpt_path", "x", "--workspace", "w",
+                "--prompt", "p"], "evaluate": ["--ckpt_path", "x", "--workspace", "w"], "diagnose": ["--workspace", "w"]}
+    with pytest.raises(SystemExit):
+        main([command, *required.get(command, []), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    with pytest.raises(SystemExit):  # the printed config reads back as --config, giving the same config
+        main([command, "--config", str(printed), "--print_config"])
+    assert capsys.readouterr().out == printed.read_text()
+
+
+def test_a_command_reads_flags_lists_and_nested_options_from_a_config(tmp_path, capsys):
+    config = tmp_path / "build.yaml"
+    config.write_text("corpus: c\nworkspace: w\nsplit: [0.8, 0.1, 0.1]\nquiet: true\ntrainer:\n  devices: 2\n")
+    with pytest.raises(SystemExit):
+        main(["build-db", "--config", str(config), "--chunk_size", "16", "--no_quiet", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["split"] == [0.8, 0.1, 0.1] and printed["chunk_size"] == 16 and printed["quiet"] is False
+    assert printed["trainer"]["devices"] == 2 and printed["trainer"]["accelerator"] == "auto"
+
+
+@pytest.mark.parametrize("args", [["build-db", "--corpus", "c", "--workspace", "w", "--chunk_size", "many"],
+                                  ["build-db", "--corpus", "c"], ["evaluate", "--bogus", "1"], ["fit", "--nope"]])
+def test_a_bad_flag_is_one_error_line(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
@@ -169,16 +204,19 @@ def test_a_fit_logged_to_a_file_shows_progress_and_no_upstream_notices(tiny, tmp
     assert not re.search(r"\.py:\d+: ", text), text  # nor any other warning (`file.py:line: message`)
 
 
-def demo_like(argv: list[str]) -> int:
-    """An extra command that builds the CLI from Python, as `retro-lit demo` does."""
-    RetroCLI(args=argv, run=False)
-    return 0
+def demo_like(fit_args: list[str]) -> None:
+    """A command that builds the CLI from Python, as `retro-lit demo` does.
+
+    Args:
+        fit_args: the arguments of that CLI.
+    """
+    RetroCLI(args=fit_args, run=False)
 
 
-def test_an_extra_command_runs_lightning_cli_the_way_it_expects(tiny, tmp_path, monkeypatch, recwarn):
-    args = ["demo-like", *args_for(tiny, tmp_path)]
+def test_a_command_runs_lightning_cli_the_way_it_expects(tiny, tmp_path, monkeypatch, recwarn):
+    args = ["demo-like", "--fit_args", json.dumps(args_for(tiny, tmp_path))]
     monkeypatch.setattr(sys, "argv", ["retro-lit", *args])  # what the console script gets
-    monkeypatch.setitem(EXTRA_COMMANDS, "demo-like", ("test_cli", "demo_like", "a test command"))
+    monkeypatch.setitem(COMMANDS, "demo-like", Command(demo_like))
     assert main(args) == 0
     assert not [w for w in recwarn if "args parameter" in str(w.message)]  # "...both args and command line..."
     assert sys.argv == ["retro-lit", *args]  # restored

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from retro_lit.build import build_workspace
-from retro_lit.distributed import build_db_main
+from retro_lit.commands import main
 from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
 from retro_lit.index import RetroIndex
 from retro_lit.neighbors import excluded_ranges
@@ -255,16 +255,16 @@ def test_unwritable_workspace_and_unknown_embedder(tmp_path, embedder):
         BERTForChunkEmbeddings(str(tmp_path / "no-such-bert"), "cpu")
 
 
-def test_build_db_main_errors_return_2(tmp_path, capsys):
+def test_build_db_command_errors_return_2(tmp_path, capsys):
     assert (
-        build_db_main(["--corpus", str(tmp_path / "missing.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+        main(["build-db", "--corpus", str(tmp_path / "missing.txt"), "--workspace", str(tmp_path / "ws")]) == 2
     )
     err = capsys.readouterr().err
     assert err.startswith("error: corpus not found") and err.count("\n") == 1
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01")
-    args = ["--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws"), "--chunk_len", "-1"]
-    assert build_db_main(args) == 2
-    assert build_db_main(["--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws")]) == 2
+    args = ["--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws"), "--chunk_size", "-1"]
+    assert main(["build-db", *args]) == 2
+    assert main(["build-db", "--corpus", str(tmp_path / "bin.txt"), "--workspace", str(tmp_path / "ws")]) == 2
     assert "binary" in capsys.readouterr().err
 
 
@@ -278,7 +278,7 @@ def test_a_failed_first_build_does_not_pin_its_settings(tmp_path, embedder):
     assert open_workspace(tmp_path / "ws").manifest["stages"]["neighbors/k2_t32"]["done"]
 
 
-def test_build_db_main_builds_with_a_local_embedder(tmp_path, embedder, caplog):
+def test_build_db_command_builds_with_a_local_embedder(tmp_path, embedder, caplog):
     folder = tmp_path / "bert"
     embedder.model.save_pretrained(folder)
     embedder.tokenizer.save_pretrained(folder)
@@ -290,17 +290,17 @@ def test_build_db_main_builds_with_a_local_embedder(tmp_path, embedder, caplog):
         str(tmp_path / "ws"),
         "--tokenizer",
         "bytes",
-        "--chunk_len",
+        "--chunk_size",
         "16",
         "--seq_len",
         "64",
         "--embedder",
         str(folder),
-        "--device",
+        "--trainer.accelerator",
         "cpu",
         "--quiet",
     ]
-    assert build_db_main(args) == 0
+    assert main(["build-db", *args]) == 0
     ws = open_workspace(tmp_path / "ws")
     assert ws.manifest["settings"]["embedder"] == str(folder) and ws.neighbors("test", 2, 64).shape[1] == 2
 

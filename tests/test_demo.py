@@ -1,7 +1,7 @@
 """`retro-lit demo` end to end on a tiny corpus and config; a second run reuses database and checkpoint."""
 from pathlib import Path
 
-from retro_lit.demo import demo_main
+from retro_lit.commands import main
 from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -9,10 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=12, words_per_doc=400)
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--corpus", str(corpus), "--workspace",
+    argv = ["--fit_config", str(ROOT / "configs" / "tiny.yaml"), "--corpus", str(corpus), "--workspace",
             str(tmp_path / "ws"), "--run_dir", str(tmp_path / "run"), "--max_steps", "4", "--eval_tokens", "3000",
             "--prompt", "The king"]
-    assert demo_main(argv) == 0
+    assert main(["demo", *argv]) == 0
     out = capsys.readouterr().out
     assert "retrieval off" in out and "retrieval on" in out and "| baseline |" in out  # the bpb table
     assert "random neighbours" in out and "ON vs baseline:" in out and "chunks with r(C) > " in out
@@ -21,11 +21,11 @@ def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, capsys):
     assert list((tmp_path / "run").glob("eval_test*.png"))
     manifest = tmp_path / "ws" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
-    assert demo_main(argv) == 0
+    assert main(["demo", *argv]) == 0
     assert "reusing" in capsys.readouterr().out
     assert manifest.stat().st_mtime_ns == stamp  # nothing rebuilt
 
 
 def test_demo_refuses_a_missing_config(tmp_path, capsys):
-    assert demo_main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["demo", "--fit_config", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.startswith("error:")

@@ -95,12 +95,12 @@ def tiny_workspace(tmp_path_factory):
 
 
 def test_diagnose_command_prints_tables_and_writes_json(tiny_workspace, tmp_path, capsys):
-    from retro_lit.cli import main
+    from retro_lit.commands import main
 
     ws, ckpt, _ = tiny_workspace
     out = tmp_path / "diagnosis.json"
     assert main(["diagnose", "--workspace", str(ws), "--ckpt_path", str(ckpt), "--device", "cpu", "--max_tokens", "200",
-                 "--min_run", "3", "--json", str(out)]) == 0
+                 "--min_run", "3", "--json_path", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| test |" in table and "| 1 |" in table and "| random train chunks |" in table
     result = json.loads(out.read_text())

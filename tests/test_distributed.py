@@ -7,7 +7,8 @@ import pytest
 import torch
 from faiss.contrib.datasets import SyntheticDataset
 
-from retro_lit.distributed import FAULT_ENV, Placement, build_db_main, build_workspace_distributed
+from retro_lit.commands import main
+from retro_lit.distributed import FAULT_ENV, Placement, build_workspace_distributed
 from retro_lit.index import load_index, search_excluding
 from retro_lit.workspace import RetroError, open_workspace
 from test_database import K, M, T, build, make_corpus, snapshot, tiny_bert
@@ -53,9 +54,9 @@ def test_two_process_cli_build_is_byte_identical_to_one_process(tmp_path, refere
     ws = open_workspace(root)
     assert ws.manifest["stages"]["embeddings"]["blocks"] >= 4  # both ranks embed and search several
     args = ["--corpus", str(corpus), "--workspace", str(tmp_path / "ws"), "--embedder", str(bert_folder)]
-    args += ["--tokenizer", "bpe:300", "--chunk_len", str(M), "--seq_len", str(T), "--block_size", "64"]
+    args += ["--tokenizer", "bpe:300", "--chunk_size", str(M), "--seq_len", str(T), "--block_size", "64"]
     args += ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--quiet"]
-    assert build_db_main(args) == 0
+    assert main(["build-db", *args]) == 0
     same_files(tmp_path / "ws", root)
     manifest = open_workspace(tmp_path / "ws").manifest
     assert manifest["stages"]["embeddings"]["world_size"] == 2

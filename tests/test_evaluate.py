@@ -165,13 +165,13 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
 
     from test_generate import build_tiny_workspace
 
-    from retro_lit.evaluate import evaluate_main
+    from retro_lit.commands import main
 
     ws, ckpt, embedder = build_tiny_workspace(tmp_path)
     monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     out = tmp_path / "out"
-    base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1,2", "--device", "cpu", "--quiet"]
-    assert evaluate_main(base + ["--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),
+    base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "[1,2]", "--device", "cpu", "--quiet"]
+    assert main(["evaluate", *base, "--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),
                                  "--neighbor_source", "live", "--out_dir", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| retrieval on (k=2) |" in table and "| baseline |" in table and "| chunks kept |" in table
@@ -179,13 +179,13 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     assert result["neighbors"] == "live" and result["n_tokens"] > 0  # train retrieves live, own document excluded
     assert result["models"]["retrieval off"]["bpb"] == pytest.approx(result["models"]["baseline"]["bpb"])
     assert (out / "eval_train_bpb_vs_alpha.png").exists() and (out / "eval_train_bpb_vs_k.png").exists()
-    assert evaluate_main(base + ["--split", "test", "--random_control"]) == 0  # precomputed, next to the ckpt
+    assert main(["evaluate", *base, "--split", "test", "--random_control"]) == 0  # precomputed, next to the ckpt
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert result["neighbors"].startswith("precomputed") and "random neighbours (k=2)" in result["models"]
-    assert evaluate_main(base + ["--corpus", str(tmp_path / "corpus.txt"), "--max_tokens", "60", "--out_dir", str(out)]) == 0
+    assert main(["evaluate", *base, "--corpus", str(tmp_path / "corpus.txt"), "--max_tokens", "60", "--out_dir", str(out)]) == 0
     assert (out / "eval_corpus_txt.json").exists()
     capsys.readouterr()
-    assert evaluate_main(base + ["--neighbors", "x"]) == 2
+    assert main(["evaluate", *base, "--neighbors", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
 
@@ -196,7 +196,8 @@ def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
     from test_generate import build_tiny_workspace
 
     from retro_lit.workspace import open_workspace
-    from retro_lit.evaluate import RandomNeighbors, evaluate_main
+    from retro_lit.commands import main
+    from retro_lit.evaluate import RandomNeighbors
 
     ws_path, ckpt, _ = build_tiny_workspace(tmp_path)
     ws = open_workspace(ws_path)
@@ -208,7 +209,7 @@ def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
     assert np.array_equal(drawn, RandomNeighbors(ws, k=2)(doc, chunks))  # seeded: the same control every run
     train_chunks = {row.tobytes() for row in ws.neighbor_tokens(np.arange(lo, hi))}  # train chunks + continuations
     assert all(n.tobytes() in train_chunks for n in drawn.reshape(-1, 2 * ws.chunk_len))
-    assert evaluate_main(["--ckpt_path", str(ckpt), "--workspace", str(ws_path), "--neighbors", "1", "--device", "cpu",
+    assert main(["evaluate", "--ckpt_path", str(ckpt), "--workspace", str(ws_path), "--neighbors", "1", "--device", "cpu",
                           "--quiet", "--split", "test", "--neighbor_source", "random", "--out_dir", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"] == "random train chunks (control)"
 
@@ -224,20 +225,20 @@ def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspac
     """r(C) uses the paper's 10 neighbours (§2.6) by default: the precomputed file holds 2, 8 more are searched."""
     import json
 
-    from retro_lit.evaluate import evaluate_main
+    from retro_lit.commands import main
 
     ws, ckpt, _ = tiny_workspace
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1", "--device", "cpu", "--quiet",
             "--out_dir", str(tmp_path)]
     for split in ("test", "train"):
-        assert evaluate_main(base + ["--split", split]) == 0
+        assert main(["evaluate", *base, "--split", split]) == 0
         result = json.loads((tmp_path / f"eval_{split}.json").read_text())
         assert result["leakage_k"] == 10 and result["neighbors"] == "precomputed k2_t16 + 8 searched for r(C)"
-    assert evaluate_main(base + ["--split", "test", "--leakage_k", "2"]) == 0
+    assert main(["evaluate", *base, "--split", "test", "--leakage_k", "2"]) == 0
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert result["leakage_k"] == 2 and result["neighbors"] == "precomputed k2_t16"
     # held-out text has no exclusion, so a file built for another T serves a longer context too
-    assert evaluate_main(base + ["--split", "test", "--leakage_k", "2", "--seq_len", "32"]) == 0
+    assert main(["evaluate", *base, "--split", "test", "--leakage_k", "2", "--seq_len", "32"]) == 0
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert result["seq_len"] == 32 and result["neighbors"] == "precomputed k2_t16"
 

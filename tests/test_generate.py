@@ -166,18 +166,18 @@ def build_tiny_workspace(root):
 
 
 def test_generate_command_shows_each_retrieval(tmp_path, monkeypatch, capsys):
-    from retro_lit.generate import generate_main
+    from retro_lit.commands import main
 
     ws, ckpt, embedder = build_tiny_workspace(tmp_path)
     monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     argv = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--prompt", "the king", "--max_new_tokens", "6",
             "--temperature", "0", "--show_retrieval", "--device", "cpu"]
-    assert generate_main(argv) == 0
+    assert main(["generate", *argv]) == 0
     out = capsys.readouterr().out
     assert out.count("[retrieval]") == (8 + 6 - 1) // M  # one lookup per chunk fed to the model
     assert "distance" in out and "corpus.txt#" in out and out.rstrip().splitlines()[-1].startswith("the king")
-    assert generate_main(argv + ["--no_retrieval"]) == 0 and "[retrieval]" not in capsys.readouterr().out
-    assert generate_main(argv[:2] + ["--workspace", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert main(["generate", *argv, "--no_retrieval"]) == 0 and "[retrieval]" not in capsys.readouterr().out
+    assert main(["generate", *argv[:2], "--workspace", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert generate_main(["--prompt", "x"]) == 2 and capsys.readouterr().err.startswith("error: ")
+    assert main(["generate", "--prompt", "x"]) == 2 and capsys.readouterr().err.startswith("error: ")

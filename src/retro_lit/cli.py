@@ -1,5 +1,6 @@
-"""The `retro-lit` command: LightningCLI's `fit`, `validate`, `test`, `predict` for `RetroLM` on a
-`RetroDataModule`, plus `build-db`, `generate`, `evaluate`, `diagnose` and `demo`, which live in their own modules.
+"""`RetroCLI`: LightningCLI's `fit`, `validate`, `test`, `predict` for `RetroLM` on a `RetroDataModule`, plus any
+typed function as a subcommand of the same parser (retro_lit.commands adds build-db, generate, evaluate, ...), so
+`--help`, `--config` and `--print_config` work the same in every command.
 
     retro-lit fit --config configs/tiny.yaml
     retro-lit fit --config configs/tiny.yaml --ckpt_path last          # resume
@@ -8,16 +9,18 @@
     retro-lit fit --config configs/tiny.yaml --print_config=comments,skip_null
 """
 
+import inspect
 import logging
 import os
 import sys
+import typing
 import warnings
-from importlib import import_module
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
+import docstring_parser
 import yaml
-from jsonargparse import ArgumentParser, set_parsing_settings
+from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -25,21 +28,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from retro_lit.data import RetroDataModule
 from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM
-from retro_lit.malloc import fix_mmap_threshold
 from retro_lit.workspace import RetroError
-
-# name -> (module, function(argv) -> exit code, one-line help); imported only when run
-EXTRA_COMMANDS = {
-    "build-db": ("retro_lit.distributed", "build_db_main", "Build or resume a retrieval database (workspace)."),
-    "generate": ("retro_lit.generate", "generate_main", "Sample text with live retrieval from a checkpoint."),
-    "evaluate": ("retro_lit.evaluate", "evaluate_main", "Bits-per-byte with retrieval on/off and bpb(alpha)."),
-    "diagnose": ("retro_lit.diagnose", "diagnose_main", "Does retrieval pay: copyable neighbours, CCA norms."),
-    "demo": ("retro_lit.demo", "demo_main", "demo on the Python stdlib: database, RETRO and a baseline, compared."),
-}
-
-
-class UserError(Exception):
-    """A mistake in the command line or config: reported as one `error:` line with exit status 2."""
 
 
 class WandbSaveConfigCallback(SaveConfigCallback):
@@ -59,10 +48,16 @@ class RetroCLI(LightningCLI):
     `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`).
     Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
     Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
+
+    `commands` maps more subcommand names to typed functions: their parameters become the subcommand's options
+    (help from the docstring's `Args:`; a `bool` is a `--name`/`--no_name` flag), and the function runs with them;
+    `command_result` is what it returned.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, commands: dict[str, Callable[..., object]] | None = None, **kwargs):
         set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help
+        self.commands = commands or {}
+        self.command_result = None  # what the command's function returned
         kwargs.setdefault("model_class", RetroLM)
         kwargs.setdefault("datamodule_class", RetroDataModule)
         kwargs.setdefault("save_config_callback", WandbSaveConfigCallback)
@@ -79,21 +74,45 @@ class RetroCLI(LightningCLI):
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
-        # list the non-Lightning commands in `retro-lit --help`; `main` runs them before this parser sees them
-        for name, (_, _, help_line) in EXTRA_COMMANDS.items():
-            parser._subcommands_action.add_subcommand(name, ArgumentParser(description=help_line), help=help_line)
+        for name, function in self.commands.items():
+            description = " ".join(inspect.getdoc(function).split("\n\n")[0].split())
+            subparser = self.init_parser(description=description)
+            add_function_options(subparser, function)
+            parser._subcommands_action.add_subcommand(name, subparser, help=description)
+
+    def _running_command(self) -> bool:
+        return self.config.get("subcommand") in self.commands
+
+    # a command is not a Trainer method: no checkpoint hyperparameters, seed, model, data or trainer to set up
+    def _parse_ckpt_path(self) -> None:
+        if not self._running_command():
+            super()._parse_ckpt_path()
+
+    def _set_seed(self) -> None:
+        if not self._running_command():
+            super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
+        if self._running_command():
+            return
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")
 
     def instantiate_classes(self) -> None:
+        if self._running_command():
+            return
         try:
             super().instantiate_classes()
-        except (ValueError, RetroError) as e:  # config validation (`RetroConfig.__post_init__` etc.)
-            raise UserError(str(e)) from e
+        except ValueError as e:  # config validation (`RetroConfig.__post_init__` etc.): one line, not a traceback
+            raise RetroError(str(e)) from e
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand not in self.commands:
+            return super()._run_subcommand(subcommand)
+        options = self.parser.instantiate(self.config)[subcommand]  # dataclass options become objects
+        self.command_result = self.commands[subcommand](**{k: v for k, v in options.items() if k != "config"})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -108,14 +127,18 @@ class RetroCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def default_wandb_mode() -> None:
-    """Offline W&B unless an API key is configured (environment or `wandb login`'s netrc entry)."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return
-    os.environ["WANDB_MODE"] = "offline"
+def add_function_options(parser: LightningArgumentParser, function: Callable[..., object]) -> None:
+    """`function`'s parameters as options of `parser`; a `bool` one is a `--name` / `--no_name` flag (so its name
+    must not start with `no_`)."""
+    hints = typing.get_type_hints(function)
+    flags = [name for name in inspect.signature(function).parameters if hints.get(name) is bool]
+    parser.add_function_arguments(function, skip=set(flags), fail_untyped=True)
+    docs = {p.arg_name: p.description for p in docstring_parser.parse(inspect.getdoc(function)).params}
+    for name in flags:
+        if name.startswith("no_"):  # ActionYesNo reads any `--no_...` as the negation
+            raise TypeError(f"{function.__name__}({name}: bool): name the flag positively, e.g. {name[3:]}=True")
+        default = inspect.signature(function).parameters[name].default
+        parser.add_argument(f"--{name}", action=ActionYesNo, default=default, help=docs.get(name))
 
 
 def not_litlogger_tip(record: logging.LogRecord) -> bool:
@@ -134,29 +157,3 @@ def silence_upstream_notices() -> None:
                             module=r"lightning\.pytorch\.utilities\._pytree")
     # every Trainer without Lightning's cloud logger advertises it (an info line, not a warning)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(not_litlogger_tip)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point `retro-lit`; returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    fix_mmap_threshold()  # (a no-op in `retro-lit` itself: retro_lit.__main__ chose its allocator at start-up)
-    default_wandb_mode()
-    silence_upstream_notices()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("retro_lit").setLevel(logging.INFO)
-    if args and args[0] in EXTRA_COMMANDS:
-        module, function, _ = EXTRA_COMMANDS[args[0]]
-        # the command has its arguments; LightningCLI(args=...) inside it (the demo's fit) expects no other
-        with mock.patch.object(sys, "argv", sys.argv[:1]):
-            return int(getattr(import_module(module), function)(args[1:]) or 0)
-    try:
-        RetroCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (UserError, RetroError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,11 +13,14 @@ A second run reuses the database and, unless `--retrain`, the checkpoints. Code 
 (codecs, idioms, licence blocks): docs/retrieval.md says why this corpus and not Shakespeare.
 """
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
+
+from retro_lit.cli import RetroCLI
+from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, markdown_table
+from retro_lit.generate import generate_text
+from retro_lit.workspace import RetroError, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -26,41 +29,66 @@ BASELINE = ["--model.config.cca_layers=[]", "--model.retrieval=false", "--model.
 COPY_RUN = 8  # the paper's leakage threshold, alpha = 0.125 at M = 64: a chunk sharing > 8 tokens with a neighbour
 
 
-def demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retro-lit demo", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/demo.yaml", help="LightningCLI config of the RETRO model and data")
-    p.add_argument("--corpus", default=None, help="corpus to build from (default: the config's data.corpus)")
-    p.add_argument("--workspace", default=None, help="database folder (default: the config's data.workspace)")
-    p.add_argument("--run_dir", default=None, help="logs, checkpoints, plots (default: trainer.default_root_dir)")
-    p.add_argument("--max_steps", type=int, default=None, help="training steps of both models (default: the configs')")
-    p.add_argument("--eval_tokens", type=int, default=0, help="held-out tokens to evaluate (0 = the whole test split)")
-    p.add_argument("--no_baseline", action="store_true", help="skip the retrieval-free baseline")
-    p.add_argument("--retrain", action="store_true", help="train even if a run folder has a checkpoint")
-    p.add_argument("--prompt", default=PROMPT, help="generation prompt")
-    return p
+def demo(
+    fit_config: str = "configs/demo.yaml",
+    corpus: str | None = None,
+    workspace: str | None = None,
+    run_dir: str | None = None,
+    max_steps: int | None = None,
+    eval_tokens: int = 0,
+    baseline: bool = True,
+    retrain: bool = False,
+    prompt: str = PROMPT,
+) -> None:
+    """The demo on the Python stdlib: database, RETRO and a baseline trained, evaluated and compared.
+
+    Args:
+        fit_config: LightningCLI config (`retro-lit fit --config`) of the RETRO model and its data.
+        corpus: corpus to build from (default: the config's data.corpus).
+        workspace: database folder (default: the config's data.workspace).
+        run_dir: logs, checkpoints, plots (default: the config's trainer.default_root_dir).
+        max_steps: training steps of both models (default: the config's).
+        eval_tokens: held-out tokens to evaluate (0 = the whole test split).
+        baseline: train the same decoder without retrieval as a baseline (--no_baseline skips it).
+        retrain: train even if a run folder has a checkpoint.
+        prompt: generation prompt.
+    """
+    if not Path(fit_config).is_file():
+        raise RetroError(f"config {fit_config} not found; run from the repository root or pass --fit_config")
+    start = time.time()
+    overrides = [f"--data.workspace={workspace}"] if workspace else []
+    overrides += [f"--data.corpus={corpus}"] if corpus else []
+    overrides += [f"--trainer.max_steps={max_steps}"] if max_steps else []
+    run_override = [f"--trainer.default_root_dir={run_dir}"] if run_dir else []
+    ckpt, workspace_path = fit_or_reuse(fit_config, overrides + run_override, retrain, "RETRO")
+    run_path = ckpt.parent.parent
+    baseline_ckpt = None
+    if baseline:  # the same config without CCA: same decoder, data, steps and schedule
+        base_dir = run_path.parent / (run_path.name + "-baseline")
+        baseline_ckpt, _ = fit_or_reuse(fit_config, overrides + BASELINE + [f"--trainer.default_root_dir={base_dir}"],
+                                   retrain, "baseline")
+
+    stage("evaluating the held-out test files: retrieval ON, OFF, random neighbours, baseline; bpb by overlap")
+    alpha = COPY_RUN / open_workspace(workspace_path).chunk_len
+    result, written = evaluate_checkpoint(
+        str(ckpt), str(workspace_path), split="test", neighbors=(2,), random_control=True, out_dir=str(run_path),
+        precision="bf16", alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
+        baseline_ckpt=str(baseline_ckpt) if baseline_ckpt else None,
+    )
+
+    stage("generating with live retrieval")
+    generate_text(str(ckpt), str(workspace_path), prompt, max_new_tokens=96, temperature=0.8, top_k=40, seed=0,
+                  show_retrieval=True, precision="bf16")
+    stage(f"done in {(time.time() - start) / 60:.1f} min")
+    print(markdown_table(result))
+    print("\n" + retrieval_summary(result, alpha))
+    print(f"\nworkspace:   {workspace_path}\ncheckpoint:  {ckpt}\nlogs:        {run_path}  (metrics.csv under "
+          f"lightning_logs/)\nevaluation:  {', '.join(str(p) for p in written)}")
 
 
-def demo_main(argv: list[str] | None = None) -> int:
-    """Run the demo; returns the exit status (2 with one `error:` line for bad input)."""
-    from retro_lit.workspace import RetroError
-    from retro_lit.generate import CommandError
-
-    args = demo_parser().parse_args(argv)
-    if not Path(args.config).is_file():
-        print(f"error: config {args.config} not found; run from the repository root or pass --config", file=sys.stderr)
-        return 2
-    try:
-        return run_demo(args)
-    except (RetroError, CommandError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str):
+def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str) -> tuple[Path, Path]:
     """Build the database (prepare_data) and train with the config, or reuse run_dir's last.ckpt;
     returns (checkpoint, workspace)."""
-    from retro_lit.cli import RetroCLI
-
     cli = RetroCLI(args=["--config", config, *overrides], run=False)
     data, trainer = cli.datamodule, cli.trainer
     stage(f"{title}: retrieval database {data.hparams.workspace}")
@@ -72,45 +100,6 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str):
     stage(f"{title}: training {trainer.max_steps} steps ({cli.model.model.num_params()['total'] / 1e6:.1f}M parameters)")
     trainer.fit(cli.model, data)
     return ckpt, workspace
-
-
-def run_demo(args) -> int:
-    from retro_lit.workspace import open_workspace
-    from retro_lit.evaluate import ALPHAS, evaluate_parser, markdown_table, run_evaluation
-    from retro_lit.generate import generate_main
-
-    start = time.time()
-    overrides = [f"--data.workspace={args.workspace}"] if args.workspace else []
-    overrides += [f"--data.corpus={args.corpus}"] if args.corpus else []
-    overrides += [f"--trainer.max_steps={args.max_steps}"] if args.max_steps else []
-    run_override = [f"--trainer.default_root_dir={args.run_dir}"] if args.run_dir else []
-    ckpt, workspace = fit_or_reuse(args.config, overrides + run_override, args.retrain, "RETRO")
-    run_dir = ckpt.parent.parent
-    baseline = None
-    if not args.no_baseline:  # the same config without CCA: same decoder, data, steps and schedule
-        base_dir = run_dir.parent / (run_dir.name + "-baseline")
-        baseline, _ = fit_or_reuse(args.config, overrides + BASELINE + [f"--trainer.default_root_dir={base_dir}"],
-                                   args.retrain, "baseline")
-
-    stage("evaluating the held-out test files: retrieval ON, OFF, random neighbours, baseline; bpb by overlap")
-    alpha = float(f"{COPY_RUN / open_workspace(workspace).chunk_len:g}")  # as --alphas parses it back
-    eval_args = ["--ckpt_path", str(ckpt), "--workspace", str(workspace), "--split", "test", "--neighbors", "2",
-                 "--random_control", "--out_dir", str(run_dir), "--precision", "bf16",
-                 "--alphas", ",".join(f"{a:g}" for a in sorted({alpha, *ALPHAS}))]
-    eval_args += ["--max_tokens", str(args.eval_tokens)] if args.eval_tokens else []
-    eval_args += ["--baseline_ckpt", str(baseline)] if baseline else []
-    result, written = run_evaluation(evaluate_parser().parse_args(eval_args))
-
-    stage("generating with live retrieval")
-    status = generate_main(["--ckpt_path", str(ckpt), "--workspace", str(workspace), "--prompt", args.prompt,
-                            "--max_new_tokens", "96", "--temperature", "0.8", "--top_k", "40", "--seed", "0",
-                            "--show_retrieval", "--precision", "bf16"])
-    stage(f"done in {(time.time() - start) / 60:.1f} min")
-    print(markdown_table(result))
-    print("\n" + retrieval_summary(result, alpha))
-    print(f"\nworkspace:   {workspace}\ncheckpoint:  {ckpt}\nlogs:        {run_dir}  (metrics.csv under lightning_logs/)"
-          f"\nevaluation:  {', '.join(str(p) for p in written)}")
-    return status
 
 
 def retrieval_summary(result: dict, alpha: float) -> str:

@@ -14,11 +14,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +26,8 @@ from torch import Tensor, nn
 
 from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, evaluate_documents,
                                 longest_common_substring, workspace_documents)
-from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
+from retro_lit.embedder import resolve_device
+from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.retrofit import RetroFitModel
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import SPLIT_ALIASES, SPLITS, RetroError, Workspace, open_workspace
@@ -130,68 +129,66 @@ def diagnose_checkpoint(model: nn.Module, ws: Workspace, split: str, k: int, seq
 
 # ----------------------------------------------------------------------------- the command
 
-def diagnose_parser() -> CommandParser:
-    p = CommandParser(prog="retro-lit diagnose",
-                      description="Does retrieval pay: copyable share of the neighbours per split; with a checkpoint, "
-                                  "CCA update norms and bpb with retrieval on, random neighbours and off.")
-    p.add_argument("--workspace", required=True, help="built workspace with precomputed neighbours")
-    p.add_argument("--ckpt_path", default=None, help="RetroLM checkpoint (.ckpt) for the CCA-norm and bpb diagnostics")
-    p.add_argument("--split", default="test", help="split the checkpoint is scored on: test, validation or train")
-    p.add_argument("--num_neighbors", type=int, default=None,
-                   help="K of the neighbour files neighbors/k{K}_t{T} (default: the checkpoint's, else the one built)")
-    p.add_argument("--seq_len", type=int, default=None, help="T of those files (default as --num_neighbors)")
-    p.add_argument("--min_run", type=int, default=8, help="shared tokens in a row that count as copyable")
-    p.add_argument("--max_chunks", type=int, default=20000, help="chunks sampled per split for the copyable share")
-    p.add_argument("--max_tokens", type=int, default=16384, help="tokens of --split scored with the checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed of the chunk sample and of the random neighbours")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    return p
+def diagnose_workspace(
+    workspace: str,
+    ckpt_path: str | None = None,
+    split: str = "test",
+    num_neighbors: int | None = None,
+    seq_len: int | None = None,
+    min_run: int = 8,
+    max_chunks: int = 20000,
+    max_tokens: int = 16384,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "32",
+    json_path: str | None = None,
+) -> dict:
+    """Does retrieval pay: copyable share of the neighbours per split; with a checkpoint, CCA update norms and bpb
+    with retrieval on, random neighbours and off. Returns the numbers (and writes them to --json_path).
 
-
-def diagnose_main(argv: list[str] | None = None) -> int:
-    """`retro-lit diagnose`: tables on stdout, optionally JSON; bad input -> one `error:` line, exit 2."""
-    try:
-        result = run_diagnosis(diagnose_parser().parse_args(argv))
-    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(result))
-    return 0
-
-
-def run_diagnosis(args: argparse.Namespace) -> dict:
-    """Everything `retro-lit diagnose` does after parsing; returns the numbers (and writes --json)."""
-    for flag in ("min_run", "max_chunks", "max_tokens", "batch_size"):
-        if getattr(args, flag) <= 0:
-            raise CommandError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if SPLIT_ALIASES.get(args.split, args.split) not in SPLITS:
-        raise CommandError(f"--split must be train, validation or test, got {args.split!r}")
-    ws = open_workspace(args.workspace)
+    Args:
+        workspace: built workspace with precomputed neighbours.
+        ckpt_path: RetroLM checkpoint (.ckpt) for the CCA-norm and bpb diagnostics.
+        split: split the checkpoint is scored on: test, validation or train.
+        num_neighbors: K of the neighbour files neighbors/k{K}_t{T} (default: the checkpoint's, else the one built).
+        seq_len: T of those files (default as --num_neighbors).
+        min_run: shared tokens in a row that count as copyable.
+        max_chunks: chunks sampled per split for the copyable share.
+        max_tokens: tokens of --split scored with the checkpoint.
+        seed: seed of the chunk sample and of the random neighbours.
+        batch_size: windows per forward pass.
+        device: auto, cpu or cuda[:i].
+        precision: 32 or bf16 (autocast).
+        json_path: also write the numbers to this JSON file.
+    """
+    for flag, value in (("min_run", min_run), ("max_chunks", max_chunks), ("max_tokens", max_tokens),
+                        ("batch_size", batch_size)):
+        if value <= 0:
+            raise RetroError(f"--{flag} must be positive, got {value}")
+    if SPLIT_ALIASES.get(split, split) not in SPLITS:
+        raise RetroError(f"--split must be train, validation or test, got {split!r}")
+    ws = open_workspace(workspace)
     model, data_hparams = None, {}
-    if args.ckpt_path:
-        device = resolve_device(args.device)
-        model, data_hparams = load_checkpoint(args.ckpt_path, device)
+    if ckpt_path:
+        torch_device = resolve_device(device)
+        model, data_hparams = load_checkpoint(ckpt_path, torch_device)
         if model.chunk_len != ws.chunk_len:
-            raise CommandError(f"the checkpoint has chunk_len {model.chunk_len}, "
-                               f"workspace {args.workspace} has {ws.chunk_len}")
-    k, seq_len = built_neighbors(ws, args.num_neighbors or data_hparams.get("num_neighbors"),
-                                 args.seq_len or data_hparams.get("seq_len"))
-    result = {"workspace": str(args.workspace), "neighbors": f"k{k}_t{seq_len}", "min_run": args.min_run,
-              "max_chunks": args.max_chunks, "seed": args.seed, "copyable": {}}
-    for split in SPLITS:
-        log.info("copyable share: %s", split)
-        result["copyable"][split] = copyable_share(ws, split, ws.neighbors(split, k, seq_len), args.min_run,
-                                                   args.max_chunks, args.seed)
+            raise RetroError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {workspace} has {ws.chunk_len}")
+    k, seq_len = built_neighbors(ws, num_neighbors or data_hparams.get("num_neighbors"),
+                                 seq_len or data_hparams.get("seq_len"))
+    result = {"workspace": str(workspace), "neighbors": f"k{k}_t{seq_len}", "min_run": min_run,
+              "max_chunks": max_chunks, "seed": seed, "copyable": {}}
+    for name in SPLITS:
+        log.info("copyable share: %s", name)
+        result["copyable"][name] = copyable_share(ws, name, ws.neighbors(name, k, seq_len), min_run, max_chunks, seed)
     if model is not None:
-        log.info("CCA update norms and bpb: %s", args.split)
-        with precision_context(args.precision, device):
-            found = diagnose_checkpoint(model, ws, args.split, k, seq_len, args.max_tokens, args.batch_size, args.seed)
-        result.update(checkpoint=str(args.ckpt_path), precision=args.precision, **found)
-    if args.json:
-        path = Path(args.json)
+        log.info("CCA update norms and bpb: %s", split)
+        with precision_context(precision, torch_device):
+            found = diagnose_checkpoint(model, ws, split, k, seq_len, max_tokens, batch_size, seed)
+        result.update(checkpoint=str(ckpt_path), precision=precision, **found)
+    if json_path:
+        path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
@@ -204,7 +201,7 @@ def built_neighbors(ws: Workspace, k: int | None, seq_len: int | None) -> tuple[
     matching = [(bk, bt) for bk, bt in built if k in (None, bk) and seq_len in (None, bt)]
     if len(matching) != 1:
         have = ", ".join(f"k{bk}_t{bt}" for bk, bt in built) or "none"
-        raise CommandError(f"workspace {ws.root} has neighbour files {have}, not one set for K={k}, T={seq_len}: "
+        raise RetroError(f"workspace {ws.root} has neighbour files {have}, not one set for K={k}, T={seq_len}: "
                            "pass --num_neighbors and --seq_len naming one")
     return matching[0]
 

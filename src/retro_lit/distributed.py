@@ -24,13 +24,11 @@ wrappers that set RANK, LOCAL_RANK and WORLD_SIZE) the current process is one ra
 Multi-node runs read MASTER_ADDR, MASTER_PORT and NODE_RANK from the environment (see docs/scaling.md).
 """
 
-import argparse
 import datetime
 import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -422,98 +420,49 @@ class _Fault:
             raise RuntimeError(f"injected fault in stage {stage} after {self.seen} files ({FAULT_ENV})")
 
 
-def build_db_main(argv: list[str] | None = None) -> int:
-    """`retro-lit build-db`: build or resume a workspace, print its summary; bad input -> exit code 2."""
-    parser = argparse.ArgumentParser(prog="retro-lit build-db", description=build_db_main.__doc__)
-    parser.add_argument(
-        "--corpus",
-        required=True,
-        help="file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' "
-        "or 'linux-doc'",
+def build_db(
+    corpus: str,
+    workspace: str,
+    tokenizer: str = "bpe:8192",
+    chunk_size: int = 64,
+    embedder: str | None = None,
+    index: str = "auto",
+    num_neighbors: int = 2,
+    seq_len: int = 2048,
+    split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+    seed: int = 0,
+    dedup_threshold: float | None = 0.8,
+    batch_size: int = 128,
+    block_size: int = 16384,
+    index_shards: int = 1,
+    trainer: Placement = Placement(),
+    quiet: bool = False,
+) -> None:
+    """Build or resume a retrieval database (workspace).
+
+    Args:
+        corpus: file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' or
+            'linux-doc'.
+        workspace: output folder (resumed when it exists).
+        tokenizer: bpe:N (trained on the train split), bytes, smollm2, or a local tokenizer.
+        chunk_size: tokens per chunk (M).
+        embedder: BERT model folder or cached name (default all-MiniLM-L6-v2).
+        index: 'auto' or a faiss index_factory string, e.g. IVF1024,Flat.
+        num_neighbors: neighbours per chunk (K).
+        seq_len: training sequence length (T), for the neighbour exclusion.
+        split: train, val, test fractions of the documents.
+        seed: seed of the document split and of the index's training sample.
+        dedup_threshold: leave out training documents with 13-gram Jaccard >= this to a held-out one; null keeps all.
+        batch_size: embedder batch size.
+        block_size: chunks per embedding block and per neighbour query part.
+        index_shards: write the index as N shards (searched as one faiss IndexShards).
+        trainer: where the build runs, spelled like Lightning's trainer flags (docs/scaling.md).
+        quiet: no progress bars or build summary.
+    """
+    logging.getLogger("retro_lit").setLevel(logging.WARNING if quiet else logging.INFO)
+    build_workspace_distributed(
+        workspace, corpus, placement=trainer, index_shards=index_shards, tokenizer=tokenizer, chunk_len=chunk_size,
+        embedder=embedder, index=index, num_neighbors=num_neighbors, seq_len=seq_len, split=split, seed=seed,
+        dedup_threshold=dedup_threshold if dedup_threshold is None or dedup_threshold > 0 else None,
+        batch_size=batch_size, block_size=block_size, quiet=quiet,
     )
-    parser.add_argument("--workspace", required=True, help="output folder (resumed when it exists)")
-    parser.add_argument("--tokenizer", default="bpe:8192", help="bpe:N, bytes, smollm2, or a local tokenizer")
-    parser.add_argument("--chunk_len", type=int, default=64, help="tokens per chunk (M)")
-    parser.add_argument(
-        "--embedder", default=None, help="BERT model folder or cached name (default all-MiniLM-L6-v2)"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument(
-        "--index", default="auto", help="'auto' or a faiss index_factory string, e.g. IVF1024,Flat"
-    )
-    parser.add_argument("--num_neighbors", type=int, default=2, help="neighbours per chunk (K)")
-    parser.add_argument(
-        "--seq_len", type=int, default=2048, help="training sequence length (T), for neighbour exclusion"
-    )
-    parser.add_argument("--split", default="0.9,0.05,0.05", help="train,val,test fractions of the documents")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document split and index sampling")
-    parser.add_argument("--dedup_threshold", type=float, default=0.8,
-                        help="leave out training documents with 13-gram Jaccard >= this to a held-out one; <= 0: keep all")
-    parser.add_argument("--batch_size", type=int, default=128, help="embedder batch size")
-    parser.add_argument(
-        "--block_size", type=int, default=16384, help="chunks per embedding block / query part"
-    )
-    parser.add_argument(
-        "--index_shards",
-        type=int,
-        default=1,
-        help="write the index as N shards (faiss IndexShards at search)",
-    )
-    placement = parser.add_argument_group("placement (Lightning-style; see docs/scaling.md)")
-    placement.add_argument(
-        "--trainer.accelerator",
-        dest="accelerator",
-        default=None,
-        help="cpu, gpu or auto (default: from --device)",
-    )
-    placement.add_argument(
-        "--trainer.devices", dest="devices", default="1", help="processes per node (one per GPU), or auto"
-    )
-    placement.add_argument(
-        "--trainer.num_nodes",
-        dest="num_nodes",
-        type=int,
-        default=1,
-        help="nodes (MASTER_ADDR, NODE_RANK set)",
-    )
-    placement.add_argument(
-        "--trainer.strategy",
-        dest="strategy",
-        default="auto",
-        help="auto, ddp, ddp_spawn, fsdp, ...: all DDP-style",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    try:
-        split = tuple(float(f) for f in args.split.split(","))
-        if len(split) != 3:
-            raise ValueError
-    except ValueError:
-        print(f"error: --split must be three comma-separated fractions, got {args.split!r}", file=sys.stderr)
-        return 2
-    accelerator = args.accelerator or ("gpu" if args.device.startswith("cuda") else args.device)
-    placement = Placement(accelerator, args.devices, args.num_nodes, args.strategy)
-    try:
-        build_workspace_distributed(
-            args.workspace,
-            args.corpus,
-            placement=placement,
-            index_shards=args.index_shards,
-            tokenizer=args.tokenizer,
-            chunk_len=args.chunk_len,
-            embedder=args.embedder,
-            index=args.index,
-            num_neighbors=args.num_neighbors,
-            seq_len=args.seq_len,
-            split=split,
-            seed=args.seed,
-            dedup_threshold=args.dedup_threshold if args.dedup_threshold > 0 else None,
-            batch_size=args.batch_size,
-            block_size=args.block_size,
-            quiet=args.quiet,
-        )
-    except (RetroError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

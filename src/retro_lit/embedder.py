@@ -27,12 +27,16 @@ def default_model_path() -> str:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> CUDA when present, else CPU; `cuda` without CUDA falls back to CPU with a warning."""
+    """`auto` -> CUDA when present, else CPU; `cuda[:i]` without CUDA falls back to CPU with a warning (the
+    quick-start's `BERTForChunkEmbeddings(name, 'cuda')` runs on a laptop too); a bad name is a `RetroError`."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise RetroError(f"--device must be auto, cpu or cuda[:i], got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s requested but CUDA is not available; embedding on CPU", device)
+        log.warning("device %s requested but CUDA is not available; running on CPU", device)
         return torch.device("cpu")
     return device
 

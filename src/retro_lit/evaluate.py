@@ -24,13 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_lit.corpus import iter_documents
-from retro_lit.generate import CommandError, CommandParser, load_checkpoint, precision_context, resolve_device
+from retro_lit.embedder import resolve_device
+from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
 from retro_lit.plots import write_evaluation_plots
 from retro_lit.progress import progress
@@ -348,91 +348,87 @@ def markdown_table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------- the command
 
-def evaluate_parser():
-    p = CommandParser(prog="retro-lit evaluate",
-                      description="Bits-per-byte with retrieval ON (several k), OFF, a baseline, and leakage-filtered bpb(alpha).")
-    p.add_argument("--ckpt_path", required=True, help="RetroLM checkpoint (.ckpt)")
-    p.add_argument("--workspace", required=True, help="built workspace: tokenizer, chunk database, faiss index")
-    p.add_argument("--split", default="validation", help="workspace split: validation, test or train (ignored with --corpus)")
-    p.add_argument("--corpus", default=None, help="evaluate an outside corpus (file, folder, .jsonl, ...) instead of a split")
-    p.add_argument("--neighbors", default="1,2,4", help="comma-separated k values for retrieval ON")
-    p.add_argument("--baseline_ckpt", default=None, help="a checkpoint trained without retrieval, scored with retrieval OFF")
-    p.add_argument("--seq_len", type=int, default=None, help="context T (default: the checkpoint's data.seq_len)")
-    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS), help="comma-separated alpha values for bpb(alpha)")
-    p.add_argument("--leakage_k", type=int, default=LEAKAGE_K,
-                   help="neighbours compared for r(C) (default: the paper's 10, whatever --neighbors)")
-    p.add_argument("--random_control", action="store_true",
-                   help="also score retrieval ON with random train chunks as neighbours (r(C) still from the real ones)")
-    p.add_argument("--neighbor_source", default="auto", choices=("auto", "live", "precomputed", "random"),
-                   help="live RetroIndex search, the workspace's precomputed files, auto (files when they fit), or "
-                        "random train chunks as a control")
-    p.add_argument("--max_tokens", type=int, default=None, help="evaluate only the first ~N tokens of the documents")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--out_dir", default=None, help="where the JSON and PNGs go (default: next to the checkpoint)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+def evaluate_checkpoint(
+    ckpt_path: str,
+    workspace: str,
+    split: str = "validation",
+    corpus: str | None = None,
+    neighbors: int | tuple[int, ...] = (1, 2, 4),
+    baseline_ckpt: str | None = None,
+    seq_len: int | None = None,
+    alphas: float | tuple[float, ...] = ALPHAS,
+    leakage_k: int = LEAKAGE_K,
+    random_control: bool = False,
+    neighbor_source: Literal["auto", "live", "precomputed", "random"] = "auto",
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    out_dir: str | None = None,
+    device: str = "auto",
+    precision: str = "32",
+    quiet: bool = False,
+) -> tuple[dict, list[Path]]:
+    """Bits-per-byte with retrieval ON (several k), OFF, a baseline, and leakage-filtered bpb(alpha).
 
+    Writes `eval_<source>.json` and two PNG plots; returns (the result, the files written).
 
-def evaluate_main(argv: list[str] | None = None) -> int:
-    """`retro-lit evaluate`: Markdown table on stdout, JSON and PNG plots in --out_dir; bad input -> exit 2."""
-    try:
-        args = evaluate_parser().parse_args(argv)
-        result, paths = run_evaluation(args)
-    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(markdown_table(result))
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
-
-
-def parse_list(text: str, kind, flag: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise CommandError(f"{flag} must be a comma-separated list, got {text!r}")
-    return values
-
-
-def run_evaluation(args) -> tuple[dict, list[Path]]:
-    """Everything `retro-lit evaluate` does after parsing: returns the result dict and the files written."""
-    ks, alphas = parse_list(args.neighbors, int, "--neighbors"), parse_list(args.alphas, float, "--alphas")
-    if min(ks) <= 0 or args.leakage_k <= 0:
-        raise CommandError("--neighbors values and --leakage_k must be positive")
-    device = resolve_device(args.device)
-    model, data_hparams = load_checkpoint(args.ckpt_path, device)
-    ws = open_workspace(args.workspace)
-    seq_len = args.seq_len or data_hparams.get("seq_len")
+    Args:
+        ckpt_path: RetroLM checkpoint (.ckpt).
+        workspace: built workspace: tokenizer, chunk database, faiss index.
+        split: workspace split: validation, test or train (ignored with --corpus).
+        corpus: evaluate an outside corpus (file, folder, .jsonl, ...) instead of a split.
+        neighbors: k of retrieval ON: one value, or several as [1,2,4].
+        baseline_ckpt: a checkpoint trained without retrieval, scored with retrieval OFF.
+        seq_len: context T (default: the checkpoint's data.seq_len).
+        alphas: alpha of bpb(alpha): one value, or several as [0.125,0.5].
+        leakage_k: neighbours compared for r(C) (the paper's 10, whatever --neighbors).
+        random_control: also score retrieval ON with random train chunks as neighbours (r(C) from the real ones).
+        neighbor_source: live RetroIndex search, the workspace's precomputed files, auto (files when they fit), or
+            random train chunks as a control.
+        max_tokens: evaluate only the first ~N tokens of the documents.
+        batch_size: windows per forward pass.
+        out_dir: where the JSON and PNGs go (default: next to the checkpoint).
+        device: auto, cpu or cuda[:i].
+        precision: 32 or bf16 (autocast).
+        quiet: no progress bar.
+    """
+    ks = [neighbors] if isinstance(neighbors, int) else list(neighbors)
+    alphas = [alphas] if isinstance(alphas, (int, float)) else list(alphas)
+    if not ks or not alphas or min(ks) <= 0 or leakage_k <= 0:
+        raise RetroError("--neighbors and --alphas must be non-empty, --neighbors values and --leakage_k positive")
+    torch_device = resolve_device(device)
+    model, data_hparams = load_checkpoint(ckpt_path, torch_device)
+    ws = open_workspace(workspace)
+    seq_len = seq_len or data_hparams.get("seq_len")
     if not seq_len or seq_len % ws.chunk_len or ws.chunk_len != model.chunk_len:
-        raise CommandError(f"--seq_len ({seq_len}) must be a multiple of the chunk length {ws.chunk_len}, which must "
-                           f"match the checkpoint's ({model.chunk_len}); pass --seq_len")
+        raise RetroError(f"--seq_len ({seq_len}) must be a multiple of the chunk length {ws.chunk_len}, which must "
+                         f"match the checkpoint's ({model.chunk_len}); pass --seq_len")
     scorers = {f"retrieval on (k={k})": Scorer(model, k) for k in ks}
     scorers["retrieval off"] = Scorer(model, None)
-    if args.random_control:
+    if random_control:
         scorers[f"random neighbours (k={max(ks)})"] = Scorer(model, max(ks), RandomNeighbors(ws, max(ks)))
-    if args.baseline_ckpt:
-        scorers["baseline"] = Scorer(load_checkpoint(args.baseline_ckpt, device)[0], None)
-    leakage_k = args.leakage_k
-    source = args.corpus or args.split
-    documents = capped(corpus_documents(args.corpus, workspace_tokenizer(ws)) if args.corpus else workspace_documents(ws, args.split),
-                       args.max_tokens)
-    neighbors_of, how = choose_neighbors(ws, args.split, args.neighbor_source, max(ks), leakage_k, seq_len,
-                                         str(device), args.corpus)
+    if baseline_ckpt:
+        scorers["baseline"] = Scorer(load_checkpoint(baseline_ckpt, torch_device)[0], None)
+    source, lm_tokenizer = corpus or split, workspace_tokenizer(ws)
+    documents = capped(corpus_documents(corpus, lm_tokenizer) if corpus else workspace_documents(ws, split), max_tokens)
+    neighbors_of, how = choose_neighbors(ws, split, neighbor_source, max(ks), leakage_k, seq_len, str(torch_device),
+                                         corpus)
     total = count_windows(documents, seq_len, ws.chunk_len) * len(scorers)
     start = time.time()
-    with progress(total=total, desc=f"evaluate {source}", unit="window", disable=args.quiet) as bar, \
-            precision_context(args.precision, device):
-        result = evaluate_documents(scorers, documents, neighbors_of, workspace_tokenizer(ws).token_bytes, seq_len, ws.chunk_len,
-                                    leakage_k, alphas, args.batch_size, bar)
-    result = {"checkpoint": str(args.ckpt_path), "baseline": args.baseline_ckpt, "workspace": str(args.workspace),
+    with progress(total=total, desc=f"evaluate {source}", unit="window", disable=quiet) as bar, \
+            precision_context(precision, torch_device):
+        result = evaluate_documents(scorers, documents, neighbors_of, lm_tokenizer.token_bytes, seq_len, ws.chunk_len,
+                                    leakage_k, alphas, batch_size, bar)
+    result = {"checkpoint": str(ckpt_path), "baseline": baseline_ckpt, "workspace": str(workspace),
               "source": source, "seq_len": seq_len, "stride": window_stride(seq_len, ws.chunk_len),
-              "neighbors": how, "leakage_k": leakage_k, "precision": args.precision, "seconds": round(time.time() - start, 1),
+              "neighbors": how, "leakage_k": leakage_k, "precision": precision, "seconds": round(time.time() - start, 1),
               **result}
-    return result, write_outputs(result, Path(args.out_dir) if args.out_dir else Path(args.ckpt_path).parent, source)
+    return result, write_outputs(result, Path(out_dir) if out_dir else Path(ckpt_path).parent, source)
+
+
+def evaluation_report(outcome: tuple[dict, list[Path]]) -> str:
+    """What `retro-lit evaluate` prints: the Markdown table and the files written."""
+    result, paths = outcome
+    return markdown_table(result) + "\n\nwrote " + ", ".join(str(p) for p in paths)
 
 
 def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_len: int, device: str = "auto",
@@ -445,7 +441,7 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
         return RandomNeighbors(ws, n), "random train chunks (control)"
     if corpus:
         if source == "precomputed":
-            raise CommandError("--neighbor_source precomputed needs a workspace split, not --corpus")
+            raise RetroError("--neighbor_source precomputed needs a workspace split, not --corpus")
         return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=False), "live"
     found = precomputed_file(ws, split, k, seq_len) if source != "live" else None
     if found is not None:
@@ -457,7 +453,7 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
             how += f" + {n - file_k} searched for r(C)"
         return PrecomputedNeighbors(ws, split, n, file_k, file_t, index), how
     if source == "precomputed":
-        raise CommandError(f"no precomputed neighbours with k >= {k} for split {split!r} (seq_len {seq_len})")
+        raise RetroError(f"no precomputed neighbours with k >= {k} for split {split!r} (seq_len {seq_len})")
     train = split in ("train", "fit")
     return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=train), "live"
 

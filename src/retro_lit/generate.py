@@ -4,7 +4,7 @@ its neighbours are looked up, encoded once (the model's cache keeps them), and d
 Model level (no files): `generate(model, prompt_ids, retrieve, ...)`, where `retrieve(chunk (B, M)) ->
 neighbours (B, K, R)` is any callable. Workspace level: `IndexRetriever` builds `retrieve` from a
 `RetroIndex` (embed the chunk text, search faiss, read neighbour + continuation tokens) and remembers
-the last lookup for `--show_retrieval`. The command: `retro-lit generate` (`generate_main`).
+the last lookup for `--show_retrieval`. The command: `retro-lit generate` (`generate_text`).
 
 When `retrieve` is called: the neighbours of chunk u are first read at position (u+1)*M - 1, the chunk's
 last token. So `retrieve` runs for chunk u right before that token is fed to the model: in the prefill for
@@ -14,7 +14,6 @@ by the very last sampled token is not looked up, since no later prediction reads
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -23,6 +22,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from retro_lit.embedder import resolve_device
+from retro_lit.index import RetroIndex
+from retro_lit.lit import RetroLM
+from retro_lit.tokenizer import workspace_tokenizer
+from retro_lit.workspace import RetroError, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -168,32 +173,11 @@ def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) ->
 
 # ----------------------------------------------------------------------------- checkpoints and the command
 
-class CommandError(Exception):
-    """Bad input to a retro-lit command: reported as one `error: ...` line, exit status 2."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse that raises `CommandError` instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise CommandError(message)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available")
-    return torch.device(device)
-
-
 def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
     """(model in eval mode on `device`, the datamodule hparams saved with it or {}) from a RetroLM checkpoint."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise CommandError(f"no checkpoint at {path}")
-    from retro_lit.lit import RetroLM
-
+        raise RetroError(f"no checkpoint at {path}")
     lm = RetroLM.load_from_checkpoint(path, map_location=device)
     raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     return lm.model.eval().to(device), dict(raw.get("datamodule_hyper_parameters") or {})
@@ -204,69 +188,72 @@ def precision_context(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision != "32":
-        raise CommandError(f"--precision must be 32 or bf16, got {precision!r}")
+        raise RetroError(f"--precision must be 32 or bf16, got {precision!r}")
     return torch.autocast(device.type, enabled=False)
 
 
-def generate_parser() -> CommandParser:
-    p = CommandParser(prog="retro-lit generate", description="Sample text from a RETRO checkpoint with live retrieval.")
-    p.add_argument("--ckpt_path", required=True, help="RetroLM checkpoint (.ckpt)")
-    p.add_argument("--workspace", required=True, help="built workspace: tokenizer, chunk database and faiss index")
-    p.add_argument("--prompt", required=True, help="prompt text, or @file to read it from a file")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to sample")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
-    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--neighbors", type=int, default=None, help="neighbours per chunk (default: the training K, else 2)")
-    p.add_argument("--show_retrieval", action="store_true", help="print every lookup: query chunk, neighbours, distances, documents")
-    p.add_argument("--no_retrieval", action="store_true", help="generate with retrieval OFF")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--no_cache", action="store_true", help="recompute the whole prefix at every token (slow; for checks)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    p.add_argument("--precision", default="32", help="32 or bf16 (autocast)")
-    return p
+def generate_text(
+    ckpt_path: str,
+    workspace: str,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    neighbors: int | None = None,
+    show_retrieval: bool = False,
+    retrieval: bool = True,
+    quiet: bool = False,
+    cache: bool = True,
+    device: str = "auto",
+    precision: str = "32",
+) -> None:
+    """Sample text from a RETRO checkpoint with live retrieval; prints the prompt and its continuation.
 
-
-def generate_main(argv: list[str] | None = None) -> int:
-    """`retro-lit generate`: print the prompt and its continuation; bad input -> one `error:` line, exit 2."""
-    from retro_lit.workspace import RetroError
-
-    try:
-        args = generate_parser().parse_args(argv)
-        return _run_generate(args)
-    except (CommandError, RetroError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run_generate(args: argparse.Namespace) -> int:
-    from retro_lit.index import RetroIndex
-    from retro_lit.tokenizer import workspace_tokenizer
-    from retro_lit.workspace import open_workspace
-
-    if args.max_new_tokens < 0 or (args.neighbors is not None and args.neighbors <= 0):
-        raise CommandError("--max_new_tokens must be >= 0 and --neighbors > 0")
-    device = resolve_device(args.device)
-    model, data_hparams = load_checkpoint(args.ckpt_path, device)
-    ws = open_workspace(args.workspace)
+    Args:
+        ckpt_path: RetroLM checkpoint (.ckpt).
+        workspace: built workspace: tokenizer, chunk database and faiss index.
+        prompt: prompt text, or @file to read it from a file.
+        max_new_tokens: tokens to sample.
+        temperature: softmax temperature; 0 is greedy.
+        top_k: sample among the k most likely tokens.
+        top_p: nucleus sampling mass.
+        seed: sampling seed.
+        neighbors: neighbours per chunk (default: the training K, else 2).
+        show_retrieval: print every lookup: query chunk, neighbours, distances, source documents.
+        retrieval: live retrieval; --no_retrieval generates with retrieval OFF.
+        quiet: no progress bar.
+        cache: KV cache and cached neighbour encodings; --no_cache recomputes the whole prefix at every token (slow;
+            for checks).
+        device: auto, cpu or cuda[:i].
+        precision: 32 or bf16 (autocast).
+    """
+    if max_new_tokens < 0 or (neighbors is not None and neighbors <= 0):
+        raise RetroError("--max_new_tokens must be >= 0 and --neighbors > 0")
+    torch_device = resolve_device(device)
+    model, data_hparams = load_checkpoint(ckpt_path, torch_device)
+    ws = open_workspace(workspace)
     if ws.chunk_len != model.chunk_len:
-        raise CommandError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {args.workspace} has {ws.chunk_len}")
-    prompt = Path(args.prompt[1:]).read_text(encoding="utf-8") if args.prompt.startswith("@") else args.prompt
+        raise RetroError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {workspace} has {ws.chunk_len}")
+    if prompt.startswith("@"):
+        if not Path(prompt[1:]).is_file():
+            raise RetroError(f"--prompt {prompt}: no such file")
+        prompt = Path(prompt[1:]).read_text(encoding="utf-8")
     lm_tokenizer = workspace_tokenizer(ws)
     prompt_ids = torch.tensor(lm_tokenizer.encode(prompt), dtype=torch.long)
     if len(prompt_ids) == 0:
-        raise CommandError("--prompt is empty after tokenization")
-    retriever, on_retrieval = None, None
-    if not args.no_retrieval:
-        k = args.neighbors or int(data_hparams.get("num_neighbors", 2))
-        retriever = IndexRetriever(RetroIndex(ws.root, ws.chunk_len, device=str(device)), k)
-        if args.show_retrieval:
-            def on_retrieval(u, chunk, found):
-                print(format_retrieval(u, chunk, retriever.last, lm_tokenizer, ws.chunk_len), flush=True)
-    with precision_context(args.precision, device):
-        tokens = generate(model, prompt_ids, retriever, args.max_new_tokens, args.temperature, args.top_k,
-                          args.top_p, args.seed, use_cache=not args.no_cache, on_retrieval=on_retrieval,
-                          progress=not args.quiet and not args.show_retrieval and sys.stderr.isatty())
+        raise RetroError("--prompt is empty after tokenization")
+    retriever = None
+    if retrieval:
+        k = neighbors or int(data_hparams.get("num_neighbors", 2))
+        retriever = IndexRetriever(RetroIndex(ws.root, ws.chunk_len, device=str(torch_device)), k)
+
+    def print_lookup(u: int, chunk: Tensor, found: Tensor) -> None:
+        print(format_retrieval(u, chunk, retriever.last, lm_tokenizer, ws.chunk_len), flush=True)
+
+    with precision_context(precision, torch_device):
+        tokens = generate(model, prompt_ids, retriever, max_new_tokens, temperature, top_k, top_p, seed,
+                          use_cache=cache, on_retrieval=print_lookup if retriever is not None and show_retrieval else None,
+                          progress=not quiet and not show_retrieval and sys.stderr.isatty())
     print(lm_tokenizer.decode(tokens[0].tolist()))
-    return 0

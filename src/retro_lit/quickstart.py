@@ -17,9 +17,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
+
 from retro_lit.build import build_workspace
+from retro_lit.data import RetroDataModule
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import RetroIndex
+from retro_lit.lit import RetroLM
 from retro_lit.model import RetroModel
 from retro_lit.workspace import RetroError, read_manifest
 
@@ -55,14 +59,9 @@ def train(model: RetroModel, workspace: str | Path, text_file: str | Path, chunk
     (e.g. `max_steps=200`, `accelerator="gpu"`, `precision="bf16-mixed"`). Defaults: one epoch (or
     `max_steps`), logs and checkpoints under `<workspace>/runs`.
     """
-    import lightning as L
-
-    from retro_lit.data import RetroDataModule
-    from retro_lit.lit import RetroLM
-
     if model.chunk_len != chunk_len or model.d_model != d_model:
         raise RetroError(f"the model has chunk_len {model.chunk_len} and d_model {model.d_model}, "
-                             f"but train() was given chunk_len {chunk_len} and d_model {d_model}")
+                         f"but train() was given chunk_len {chunk_len} and d_model {d_model}")
     settings = _built_settings(workspace, chunk_len)
     data = RetroDataModule(str(workspace), corpus=str(text_file), tokenizer=settings["tokenizer"],
                            chunk_size=chunk_len, seq_len=chunk_len * chunks_per_sample, num_neighbors=num_neighbors,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,12 +18,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def default_wandb_mode() -> None:
+    """Offline W&B unless an API key is configured (environment or `wandb login`'s netrc entry)."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+
+
 def wandb_logger(project: str, save_dir: str | Path, name: str | None = None, **options):
     """A Lightning `WandbLogger` writing under `save_dir`; offline unless an API key is configured (the same rule
     as `retro-lit`: `WANDB_MODE` wins when set, e.g. `disabled` in tests). `options` go to `WandbLogger`."""
     from lightning.pytorch.loggers import WandbLogger
-
-    from retro_lit.cli import default_wandb_mode
 
     default_wandb_mode()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
