@@ -2,7 +2,9 @@
 
 Borgeaud et al. 2022, "Improving language models by retrieving from trillions of tokens",
 arXiv 2112.04426, §2.4-2.5 and Appendix B (Algorithm 1). Torch only; nothing here knows about
-Lightning, faiss or files.
+Lightning, faiss or files. This file is the architecture; the kernels it calls to run it faster or in less
+memory (the fused GELU-linear and linear cross-entropy, bf16 attention routing) are in `retro_lit.kernels`,
+each equal to the plain PyTorch expression it replaces.
 
 Dimension legend (shared by every file of retro_lit):
     B  batch                       T  sequence length (n)
@@ -37,15 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+from retro_lit.kernels import can_compile, gelu_linear, linear_cross_entropy, short_attention
 
 
 @dataclass
@@ -162,33 +163,6 @@ class Attention(nn.Module):
         return self.attend(x, k, v, q_rope, mask, is_causal)
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would compute x's matmuls in (x's own dtype outside autocast). The autograd functions
-    below run with autocast off and cast explicitly to it."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class GeluLinear(torch.autograd.Function):
-    """linear(gelu(h), weight, bias) that keeps only h for the backward and recomputes gelu(h) there: the
-    d_ff-wide GELU output is never stored, and, unlike activation checkpointing, no matmul is redone."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(h, weight, bias)
-        ctx.dtype, ctx.h_dtype = dtype, h.dtype
-        return F.linear(F.gelu(h.to(dtype)), weight.to(dtype), bias.to(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        h, weight, bias = ctx.saved_tensors
-        h, grad_out = h.to(ctx.dtype), grad_out.to(ctx.dtype)
-        grad_gelu = grad_out @ weight.to(ctx.dtype)  # (..., d_ff)
-        grad_w = grad_out.flatten(0, -2).T @ F.gelu(h).flatten(0, -2)  # (D, d_ff)
-        grad_h = torch.ops.aten.gelu_backward(grad_gelu, h).to(ctx.h_dtype)
-        return grad_h, grad_w.to(weight.dtype), grad_out.flatten(0, -2).sum(0).to(bias.dtype), None
-
-
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
@@ -196,29 +170,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (..., d_ff)
-        dtype = compute_dtype(h)
-        with torch.autocast(h.device.type, enabled=False):
-            return self.drop(GeluLinear.apply(h, self.down.weight, self.down.bias, dtype))  # (..., D)
-
-
-@contextlib.contextmanager
-def short_attention(x: Tensor):
-    """Run the short attentions (encoder: R keys, CCA: K*R keys) inside this. Under bf16 on CPU, SDPA's flash
-    kernel is 2-4x slower there than its math kernel kept in bf16 (benchmarks/README.md): route SDPA to the
-    math kernel and let it skip its float32 copies of q, k, v (a global torch setting, hence set and restored
-    here, in eager code: torch.compile'd layers called inside bake it in). Scores and probabilities are then
-    held in bf16, as in any bf16 model without a fused kernel; matmuls accumulate and softmax reduces in
-    float32. Elsewhere (GPU, float32, float32 KV caches) this changes nothing."""
-    if x.device.type != "cpu" or compute_dtype(x) != torch.bfloat16:
-        yield
-        return
-    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # (the setting is not CUDA-only)
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+        return self.drop(gelu_linear(h, self.down.weight, self.down.bias))  # (..., D)
 
 
 def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,8 +233,7 @@ class NearestNeighborEncoder(nn.Module):
         adds around the matmuls makes a bf16 CPU training step ~1.3x faster (benchmarks/train_step.py). fp32 on
         CPU gains nothing (matmul-bound). The decoder stays eager: compiled, its sublayers ran slower here,
         and its decoding cache has data-dependent shapes."""
-        compilers = [cxx for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx]
-        if not torch.cuda.is_available() and not any(shutil.which(cxx) for cxx in compilers):
+        if not can_compile():
             raise ValueError("model.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found")
         for layer in self.layers:
             layer.compile()
@@ -369,76 +320,6 @@ class ChunkedCrossAttention(nn.Module):
         out = out * has_any[:, None, None].to(out.dtype)
         out = out.reshape(B, -1, D)[:, lead: lead + ta] if n_blocks > 1 else out  # (B, ta, D)
         return torch.cat([x.new_zeros(B, first - start, D), out], dim=1)  # left-pad: (B, t, D)
-
-
-# ----------------------------------------------------------------------------- loss
-
-def add_to_float32(total: Tensor, x: Tensor, rows: int = 2048) -> None:
-    """total (float32) += x, converting x a block of rows at a time: a mixed-dtype add_ is ~5x slower here."""
-    if x.dtype == total.dtype:
-        total.add_(x)
-        return
-    block = total.new_empty(min(rows, len(x)), *x.shape[1:])
-    for lo in range(0, len(x), rows):
-        part = x[lo:lo + rows]
-        total[lo:lo + rows].add_(block[:len(part)].copy_(part))
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
-
-    Works through slices of rows; each slice's gradient w.r.t. x and weight is computed right in the
-    forward (softmax - onehot), so the backward only scales them: no recomputation, and the memory of
-    one (slice, V) block instead of several (N, V) tensors. Also returns the per-row nll (no grad)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int, dtype: torch.dtype):
-        N, V = x.shape[0], weight.shape[0]
-        keep = targets != -100
-        count = keep.sum().clamp(min=1)
-        scale = (keep / count)[:, None]  # (N, 1) d mean-loss / d nll
-        w = weight.to(dtype)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
-        nll = torch.empty(N, dtype=torch.float32, device=x.device)
-        # (S, V) and (V, D) buffers reused by every slice, updated in place: each fresh (S, V) tensor would be
-        # a large allocation, freshly paged in by the OS
-        S = min(slice_rows, N)
-        probs = x.new_empty(S, V, dtype=torch.float32)
-        low = probs if dtype == torch.float32 else x.new_empty(S, V, dtype=dtype)  # probs in the matmul dtype
-        grad_w_slice = torch.empty_like(w)  # (V, D)
-        for lo in range(0, N, S):
-            xs, ts, ss = x[lo:lo + S].to(dtype), targets[lo:lo + S].clamp(min=0), scale[lo:lo + S]
-            n, rows = len(xs), torch.arange(len(xs), device=x.device)
-            p = probs[:n]
-            q = p if low is probs else low[:n]
-            torch.mm(xs, w.T, out=q)  # logits (n, V)
-            if q is not p:
-                p.copy_(q)
-            target_logit, top = p[rows, ts], p.amax(-1)
-            torch.softmax(p, -1, out=p)  # in place; one fused pass, several times faster than exp_ + sum
-            # log-sum-exp = top - log(max prob): exact, and the max prob (>= 1/V) cannot underflow as p[target] can
-            nll[lo:lo + n] = (top - p.amax(-1).log() - target_logit) * (ss[:, 0] > 0)
-            p[rows, ts] -= 1  # softmax - onehot = d nll / d logits; the scale goes on the (n, D) side below
-            if q is not p:
-                q.copy_(p)
-            grad_x[lo:lo + n] = (q @ w) * ss
-            torch.mm(q.T, (xs * ss).to(dtype), out=grad_w_slice)
-            add_to_float32(grad_w, grad_w_slice)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(nll)
-        return nll.sum() / count, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int = 256) -> tuple[Tensor, Tensor]:
-    """x (N, D), weight (V, D), targets (N,) with -100 = ignore -> (mean loss, per-row nll (N,))."""
-    dtype = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return LinearCrossEntropy.apply(x, weight, targets, slice_rows, dtype)
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -573,7 +454,7 @@ class RetroModel(nn.Module):
 
     def loss(self, input_ids: Tensor, targets: Tensor, neighbors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean next-token cross-entropy over targets != -100, and the per-token nll (B, T) without
-        grad, computed without materialising the (B, T, V) logits (see LinearCrossEntropy)."""
+        grad, computed without materialising the (B, T, V) logits (see `kernels.linear_cross_entropy`)."""
         h = self.hidden_states(input_ids, neighbors)  # (B, T, D)
         loss, nll = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return loss, nll.view_as(targets)

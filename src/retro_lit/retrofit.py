@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder, linear_cross_entropy
+from retro_lit.kernels import linear_cross_entropy
+from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder
 
 log = logging.getLogger(__name__)
 
