@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,51 @@ from torch.utils.checkpoint import checkpoint
 from retro_lit.kernels import can_compile, gelu_linear, linear_cross_entropy, short_attention
 
 
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """The neighbour encoder, and the norm, init and rotary settings of the layers trained from scratch: the fields
+    that `RetroConfig` and `RetroFitConfig` (retrofit.py) share. Their subclasses keep them flat, so the keys stay
+    `model.config.enc_n_layer` and `model.retrofit.enc_n_layer`. Keyword-only: each subclass's own fields then
+    come first in its signature, hence in --help and --print_config."""
+
+    flag_prefix: ClassVar[str]  # where the CLI puts the fields (`model.config`): errors name the flag
+
+    enc_n_layer: int = 2
+    """Neighbour-encoder layers."""
+    enc_cross_layers: tuple[int, ...] = (0,)
+    """0-based encoder layers that cross-attend to the decoder (or RETRO-fitted LM) states of their chunk."""
+    enc_d_model: int | None = None
+    """Encoder width E (default: the decoder's d_model, or the LM's width)."""
+    enc_n_head: int | None = None
+    """Encoder heads (default: the decoder's n_head, or the LM's)."""
+    enc_head_dim: int | None = None
+    """Encoder head width (default: the decoder's head_dim, or the LM's)."""
+    enc_d_ff: int | None = None
+    """Encoder feed-forward width (default: the decoder's d_ff; 4 * E when RETRO-fitting)."""
+    recompute_encoder: bool = True
+    """Recompute encoder activations in the backward (K*R/M = 4x the decoder's tokens at k=2): about
+    15% more compute for a large cut in training memory."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (RETRO-fit: of the new layers)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2). RETRO-fit: of the new
+    layers, with enc_n_layer, and the CCA output projections start at zero."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (RETRO-fit: of the encoder and CCA)."""
+
+    def __post_init__(self):
+        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
+        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
+            raise ValueError(f"`{self.flag_prefix}.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
+                             f"[0, enc_n_layer={self.enc_n_layer})")
+
+
 @dataclass
-class RetroConfig:
+class RetroConfig(EncoderConfig):
+    """A RETRO model trained from scratch: the decoder's fields, then the encoder's (`EncoderConfig`)."""
+
+    flag_prefix: ClassVar[str] = "model.config"
+
     vocab_size: int = 8192
     """Size of the LM vocabulary (linked from the data in the CLI)."""
     chunk_size: int = 64
@@ -67,35 +111,13 @@ class RetroConfig:
     """Hidden width of the decoder's feed-forward layers."""
     cca_layers: tuple[int, ...] = (2, 5)
     """0-based decoder layers that hold chunked cross-attention; empty for a retrieval-free baseline."""
-    enc_n_layer: int = 2
-    """Neighbour-encoder layers."""
-    enc_cross_layers: tuple[int, ...] = (0,)
-    """0-based encoder layers that cross-attend to the decoder states of their chunk."""
-    enc_d_model: int | None = None
-    """Encoder width E (default: d_model)."""
-    enc_n_head: int | None = None
-    """Encoder heads (default: n_head)."""
-    enc_head_dim: int | None = None
-    """Encoder head width (default: head_dim)."""
-    enc_d_ff: int | None = None
-    """Encoder feed-forward width (default: d_ff)."""
     dropout: float = 0.0
     """Dropout on residual branches and attention weights."""
     tie_embeddings: bool = False
     """Share the token embedding with the output head."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    init_std: float = 0.02
-    """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2)."""
-    rope_base: float = 10000.0
-    """Rotary embedding base."""
-    recompute_encoder: bool = True
-    """Recompute encoder activations in the backward (K*R/M = 4x the decoder's tokens at k=2): about
-    15% more compute for a large cut in training memory."""
 
     def __post_init__(self):
         self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
-        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
         for name in ("vocab_size", "chunk_size", "d_model", "n_layer", "n_head", "head_dim", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`model.config.{name}` must be positive, got {getattr(self, name)}")
@@ -103,9 +125,7 @@ class RetroConfig:
             raise ValueError(f"`model.config.cca_layers` {list(self.cca_layers)} must lie in [0, n_layer={self.n_layer})")
         if self.cca_layers and self.enc_n_layer <= 0:
             raise ValueError("`model.config.enc_n_layer` must be positive when cca_layers is not empty")
-        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
-            raise ValueError(f"`model.config.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
-                             f"[0, enc_n_layer={self.enc_n_layer})")
+        super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`model.config.dropout` must be in [0, 1), got {self.dropout}")
 

