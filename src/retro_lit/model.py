@@ -403,6 +403,37 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.cca(self.norm_cca(x), (k, v), valid, start=start, first_chunk=lo))
 
 
+# ----------------------------------------------------------------------------- init and optimizer groups
+
+# the projections that write into the residual stream, by parameter name
+RESIDUAL_PROJECTIONS = ("attn.out.weight", "cross.out.weight", "ff.down.weight")
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """nanoGPT init of every Linear and Embedding in `module`: weights normal(0, std), biases zero."""
+    def init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    module.apply(init)
+
+
+def scale_residual_projections(module: nn.Module, std: float, n_layer: int) -> None:
+    """GPT-2: re-draw the residual projections of `module` at std / sqrt(2 * n_layer), so that the residual
+    stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if name.endswith(RESIDUAL_PROJECTIONS):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT grouping of the trainable parameters: matrices (p.dim() >= 2) decay; norms and biases do not."""
+    params = {id(p): p for p in module.parameters() if p.requires_grad}.values()
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 class RetroModel(nn.Module):
     """RETRO decoder. Signature of the original retro_transformer quick-start; `ca_layers` 0-based."""
 
@@ -430,15 +461,12 @@ class RetroModel(nn.Module):
         self.encoder = encoder if self.ca_layers else None
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, n_vocab, bias=False)
-        self.init_std = init_std
         self.config = RetroConfig(  # the same model as a config: checkpoints and the Lightning stack use it
             vocab_size=n_vocab, chunk_size=chunk_len, d_model=d_model, n_layer=n_layers, n_head=n_heads,
             head_dim=d_k, d_ff=d_ff, cca_layers=self.ca_layers, dropout=dropout, tie_embeddings=tie_embeddings,
             norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, **self._encoder_fields(encoder))
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=init_std / math.sqrt(2 * n_layers))
+        init_weights(self, init_std)
+        scale_residual_projections(self, init_std, n_layers)
         if tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
 
@@ -458,12 +486,6 @@ class RetroModel(nn.Module):
         return dict(enc_n_layer=encoder.n_layers, enc_cross_layers=encoder.ca_layers, enc_d_model=encoder.d_model,
                     enc_n_head=encoder.n_heads, enc_head_dim=encoder.head_dim, enc_d_ff=encoder.d_ff,
                     recompute_encoder=encoder.recompute)
-
-    def _init_weights(self, module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -542,9 +564,7 @@ class RetroModel(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """nanoGPT grouping: matrices (p.dim() >= 2) decay; norms and biases do not."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return decay_groups(self, weight_decay)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: embedding (+ head unless tied), decoder blocks, encoder, total."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from retro_lit.kernels import linear_cross_entropy
-from retro_lit.model import ChunkedCrossAttention, EncoderConfig, NearestNeighborEncoder
+from retro_lit.model import (ChunkedCrossAttention, EncoderConfig, NearestNeighborEncoder, decay_groups,
+                             init_weights, scale_residual_projections)
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class RetroFitModel(nn.Module):
         if not self.cca_layers or any(not 0 <= i < len(layers) for i in self.cca_layers):
             raise ValueError(f"`model.retrofit.cca_layers` {list(self.cca_layers)} must be a non-empty subset of "
                              f"[0, {len(layers)}) for this {len(layers)}-layer LM")
-        self.chunk_len, self.share_embeddings, self.init_std = chunk_len, share_embeddings, init_std
+        self.chunk_len, self.share_embeddings = chunk_len, share_embeddings
         D = lm.config.hidden_size
         n_head = lm.config.num_attention_heads
         head_dim = getattr(lm.config, "head_dim", None) or D // n_head
@@ -198,10 +198,8 @@ class RetroFitModel(nn.Module):
         self.branches = nn.ModuleDict({
             str(i): RetrievalBranch(D, n_head, head_dim, chunk_len, E, norm_eps, rope_base) for i in self.cca_layers})
         for module in self.new_modules():
-            module.apply(self._init_weights)
-        for name, p in self.encoder.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=init_std / math.sqrt(2 * enc_n_layer))
+            init_weights(module, init_std)
+        scale_residual_projections(self.encoder, init_std, enc_n_layer)
         for branch in self.branches.values():  # step 0: retrieval ON == the frozen LM
             nn.init.zeros_(branch.cca.attn.out.weight)
         dtype = next(lm.parameters()).dtype
@@ -233,12 +231,6 @@ class RetroFitModel(nn.Module):
 
     def new_modules(self) -> list[nn.Module]:
         return [m for m in (self.token_emb, self.encoder, self.branches) if m is not None]
-
-    def _init_weights(self, module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def train(self, mode: bool = True) -> RetroFitModel:
         """Train the new layers; the frozen LM always stays in eval mode (no dropout)."""
@@ -306,9 +298,7 @@ class RetroFitModel(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """nanoGPT grouping of the trainable parameters only: matrices decay; norms and biases do not."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return decay_groups(self, weight_decay)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: frozen (the LM), trainable (encoder + own embedding + CCA), and each part."""
