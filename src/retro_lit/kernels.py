@@ -1,26 +1,25 @@
-"""Speed and memory kernels under the RETRO model: each computes a plain PyTorch expression, faster or in less
-memory, and `tests/test_kernels.py` holds each to that expression (values and gradients, fp32 and bf16).
-Torch and the standard library only; nothing here knows the architecture.
+"""Speed and memory kernels under the RETRO model (model.py, retrofit.py). Each one computes a plain PyTorch
+expression, faster or in less memory, and is exact in the sense that it does that arithmetic, with no
+approximation: at most the float rounding differs. `tests/test_kernels.py` holds each to its expression,
+values and gradients, in float32 and bf16. Torch and the standard library only; nothing here knows RETRO.
 
-    gelu_linear(h, w, b)              = F.linear(F.gelu(h), w, b). Keeps only h for the backward and recomputes
-                                        gelu(h) there: the d_ff-wide GELU output is never stored, and unlike
-                                        activation checkpointing no matmul is redone. Exact: the forward is that
-                                        very expression, and the backward is the one autograd would run (the same
-                                        matmuls and aten's own gelu_backward), only fed a recomputed gelu(h).
-    linear_cross_entropy(x, w, t)     = F.cross_entropy(x @ w.T, t, ignore_index=-100), plus the per-row nll.
-                                        Never holds the (N, V) logits: slices of rows go through one reused
-                                        (slice, V) buffer, each slice's gradient (softmax - onehot) computed right
-                                        in the forward. Exact: logits come out of the same matmul (in the dtype
-                                        autocast would use), softmax runs in float32, and the log-sum-exp is
-                                        top - log(max prob), an identity that needs no second pass.
-    add_to_float32(total, x)          : total += x.float(), a block of rows at a time (a mixed-dtype add_ is ~5x
-                                        slower on CPU). Exact: a bf16 -> float32 conversion loses nothing.
-    short_attention(x)                : a context for the short attentions (encoder, CCA). Under bf16 on CPU it
-                                        routes F.scaled_dot_product_attention to its own math kernel, kept in
-                                        bf16 (2-4x faster there than the flash kernel); elsewhere it does nothing.
-                                        Not a new computation: SDPA's reference kernel, differing from float32
-                                        scores only by bf16 rounding.
-    can_compile()                     : whether torch.compile's inductor can build kernels on this machine.
+gelu_linear(h, w, b) = F.linear(F.gelu(h), w, b), the second half of every feed-forward layer.
+    For: the backward keeps only h and recomputes gelu(h), so the d_ff-wide GELU output is never stored, and
+    unlike activation checkpointing no matmul is redone. Exact: the forward is that expression (in autocast's
+    dtype), the backward the matmuls autograd would run and aten's own gelu_backward.
+linear_cross_entropy(x, w, targets) = F.cross_entropy(x @ w.T, targets, ignore_index=-100), plus the per-row nll.
+    For: the output head and loss without the (N, V) logits: rows go through one reused (slice, V) buffer,
+    each slice's gradient (softmax - onehot) computed right in the forward. Exact: the logits come from the
+    same matmul in the same dtype, softmax runs in float32, and log-sum-exp = top - log(max prob) is an
+    identity (which, unlike log p[target], cannot underflow).
+add_to_float32(total, x): total += x.float().
+    For: a mixed-dtype add_ is ~5x slower on CPU; x is converted a block of rows at a time. Exact: widening
+    bf16 to float32 loses nothing, so this is the same add.
+short_attention(x): a context around the short attentions (encoder, CCA).
+    For: under bf16 on CPU, SDPA's flash kernel is 2-4x slower at these key lengths than its math kernel kept in
+    bf16; inside, F.scaled_dot_product_attention runs that math kernel. Elsewhere it does nothing. Exact: SDPA's
+    own reference kernel, with scores held in bf16 instead of float32 (bf16 rounding, nothing else).
+can_compile(): whether torch.compile's inductor can build kernels on this machine (for `model.compile`).
 """
 
 from __future__ import annotations
