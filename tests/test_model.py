@@ -222,6 +222,8 @@ def test_overfits_one_batch():
 def test_config_validation_names_the_flag():
     with pytest.raises(ValueError, match="cca_layers"):
         RetroConfig(n_layer=2, cca_layers=(5,))
+    with pytest.raises(ValueError, match="`model.config.enc_cross_layers`"):  # a shared EncoderConfig field
+        RetroConfig(enc_n_layer=1, enc_cross_layers=(1,))
 
 
 @pytest.mark.parametrize("autocast", [False, True])

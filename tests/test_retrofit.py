@@ -190,6 +190,12 @@ def test_config_errors(saved_lm):
         retrofit(saved_lm)(batch()[0], cache=object())
 
 
+def test_shared_encoder_fields_are_checked_under_their_own_flag():
+    with pytest.raises(ValueError, match="`model.retrofit.enc_cross_layers`"):
+        RetroFitConfig(enc_n_layer=1, enc_cross_layers=(1,))
+    assert RetroFitConfig(enc_cross_layers=[1, 0, 1]).enc_cross_layers == (0, 1)
+
+
 def test_logs_trainable_and_frozen_counts(saved_lm, caplog):
     with caplog.at_level(logging.INFO, logger="retro_lit.retrofit"):
         retrofit(saved_lm)

