@@ -14,6 +14,7 @@ peak RSS <= 2.0 GB).
     python benchmarks/train_step.py            # both precisions
     python benchmarks/train_step.py --precision bf16 --steps 5
     python benchmarks/train_step.py --compile    # also with model.compile (RetroLM compiles the encoder layers)
+    python benchmarks/train_step.py --precision bf16 --allocators   # mimalloc vs glibc, the same run
 
 With `--reference` it also runs lucidrains/RETRO-pytorch 0.3.9 at the same configuration, measured the same
 way in the same run, and prints the ratios against that instead of the quoted figure. It needs the package,
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from retro_lit.malloc import allocator_env
+from retro_lit.malloc import SWITCH, allocator_env, fix_mmap_threshold
 from retro_lit.model import RetroConfig, RetroModel
 
 BENCH = RetroConfig(vocab_size=30522, chunk_size=64, d_model=512, n_layer=6, n_head=8, head_dim=64, d_ff=2048,
@@ -134,17 +136,24 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reference", action="store_true", help="also run lucidrains/RETRO-pytorch 0.3.9 here")
     parser.add_argument("--compile", action="store_true", help="also run retro_lit with model.compile (its encoder layers)")
-    parser.add_argument("--child", choices=["retro_lit", "retro_lit+compile", "lucidrains"], help=argparse.SUPPRESS)
+    parser.add_argument("--allocators", action="store_true",
+                        help="also run retro_lit as `RETRO_LIT_ALLOCATOR=system retro-lit` does (glibc, fixed mmap threshold)")
+    parser.add_argument("--child", choices=["retro_lit", "retro_lit+compile", "lucidrains", "retro_lit+glibc"],
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child)))
+        fix_mmap_threshold()  # what retro_lit.commands.main does first (a no-op under mimalloc)
+        print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child.removesuffix("+glibc"))))
         return
     results = {}
     for precision in (["fp32", "bf16"] if args.precision == "both" else [args.precision]):
-        for name in ["retro_lit"] + ["retro_lit+compile"] * args.compile + ["lucidrains"] * args.reference:
+        names = (["retro_lit"] + ["retro_lit+glibc"] * args.allocators + ["retro_lit+compile"] * args.compile
+                 + ["lucidrains"] * args.reference)
+        for name in names:  # mimalloc, as `retro-lit` runs, but for +glibc: the allocator the process starts with
+            env = os.environ | {SWITCH: "system"} if name.endswith("+glibc") else allocator_env()
             out = subprocess.run([sys.executable, __file__, "--child", name, "--precision", precision,
                                   "--warmup", str(args.warmup), "--steps", str(args.steps)],
-                                 check=True, capture_output=True, text=True, env=allocator_env())  # mimalloc, as `retro-lit` runs
+                                 check=True, capture_output=True, text=True, env=env)
             results[name, precision] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"train step at the shared configuration, batch {BATCH} x seq {SEQ}, k {K}, 2 threads, "
           f"{next(iter(results.values()))['params'] / 1e6:.1f}M parameters")
@@ -155,6 +164,11 @@ def main():
         print(f"{name:>17} {precision:>9} {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_rss_gb']:11.2f} "
               f"{r['model_gflop_per_step']:10.0f} {r['matmul_peak_gflops']:19.0f} {r['mfu']:6.1%} "
               f"{r['tokens_per_s'] / reference:12.2f}")
+    if args.allocators:
+        for precision in {p for _, p in results}:
+            ratio = results["retro_lit", precision]["tokens_per_s"] / results["retro_lit+glibc", precision]["tokens_per_s"]
+            print(f"mimalloc / glibc (fixed mmap threshold), {precision}: {ratio:.2f}x tokens/s "
+                  "(retro_lit.malloc keeps the re-execution only if bf16 >= 1.20x)")
     print("targets: fp32 >= 1.40x, bf16 >= 2.50x lucidrains tokens/s; peak RSS <= 2.0 GB (x lucidrains: against "
           + ("lucidrains measured in this run)" if args.reference else
              f"the quoted {LUCIDRAINS_TOKENS_PER_S:.0f} tokens/s, {LUCIDRAINS_PEAK_RSS_GB} GB)"))

@@ -15,7 +15,9 @@ benchmark configuration, a third of the step spent in the kernel.
 An allocator is chosen when a process starts, so the `retro-lit` command re-executes itself once with it
 (same pid, same arguments) before it imports anything heavy. Where that cannot happen (an in-process
 `retro_lit.cli.main([...])`, a notebook), the fixed mmap threshold at least keeps RSS near what is live.
-A user's own LD_PRELOAD allocator, `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*` tunables are left alone.
+A user's own LD_PRELOAD allocator, `MALLOC_MMAP_THRESHOLD_` or `glibc.malloc.*` tunables are left alone, and
+`RETRO_LIT_ALLOCATOR=system` turns the re-execution off (the process keeps the allocator it started with, with
+the in-process fixed mmap threshold).
 """
 
 import ctypes
@@ -24,6 +26,7 @@ import os
 import sys
 
 STREAMING_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.hugetlb=1"
+SWITCH = "RETRO_LIT_ALLOCATOR"  # "system": no re-execution with another allocator
 
 
 def _user_tuned(env) -> bool:
@@ -67,7 +70,7 @@ def allocator_env(env=None, streaming: bool = False) -> dict:
 def reexec_with_allocator(streaming: bool = False) -> None:
     """Replace this process by itself started with allocator_env(streaming=...), unless that changes nothing."""
     env = allocator_env(streaming=streaming)
-    if env != dict(os.environ):
+    if env != dict(os.environ) and os.environ.get(SWITCH) != "system":
         sys.stdout.flush()
         os.execve(sys.executable, sys.orig_argv, env)
 
