@@ -174,7 +174,8 @@ def diagnose_workspace(
         torch_device = resolve_device(device)
         model, data_hparams = load_checkpoint(ckpt_path, torch_device)
         if model.chunk_len != ws.chunk_len:
-            raise RetroError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {workspace} has {ws.chunk_len}")
+            raise RetroError(f"the checkpoint has chunk_len {model.chunk_len}, "
+                             f"workspace {workspace} has {ws.chunk_len}")
     k, seq_len = built_neighbors(ws, num_neighbors or data_hparams.get("num_neighbors"),
                                  seq_len or data_hparams.get("seq_len"))
     result = {"workspace": str(workspace), "neighbors": f"k{k}_t{seq_len}", "min_run": min_run,

@@ -420,8 +420,8 @@ def evaluate_checkpoint(
                                     leakage_k, alphas, batch_size, bar)
     result = {"checkpoint": str(ckpt_path), "baseline": baseline_ckpt, "workspace": str(workspace),
               "source": source, "seq_len": seq_len, "stride": window_stride(seq_len, ws.chunk_len),
-              "neighbors": how, "leakage_k": leakage_k, "precision": precision, "seconds": round(time.time() - start, 1),
-              **result}
+              "neighbors": how, "leakage_k": leakage_k, "precision": precision,
+              "seconds": round(time.time() - start, 1), **result}
     return result, write_outputs(result, Path(out_dir) if out_dir else Path(ckpt_path).parent, source)
 
 

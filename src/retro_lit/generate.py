@@ -252,8 +252,9 @@ def generate_text(
     def print_lookup(u: int, chunk: Tensor, found: Tensor) -> None:
         print(format_retrieval(u, chunk, retriever.last, lm_tokenizer, ws.chunk_len), flush=True)
 
+    on_retrieval = print_lookup if retriever is not None and show_retrieval else None
     with precision_context(precision, torch_device):
         tokens = generate(model, prompt_ids, retriever, max_new_tokens, temperature, top_k, top_p, seed,
-                          use_cache=cache, on_retrieval=print_lookup if retriever is not None and show_retrieval else None,
+                          use_cache=cache, on_retrieval=on_retrieval,
                           progress=not quiet and not show_retrieval and sys.stderr.isatty())
     print(lm_tokenizer.decode(tokens[0].tolist()))
