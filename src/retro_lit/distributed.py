@@ -54,7 +54,6 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # every DDP-flavoured name means "one process per device" here: the build trains nothing, so there is
 # nothing to shard (fsdp, deepspeed) and no launcher choice that changes the result (spawn is used)
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
-FAULT_ENV = "RETRO_LIT_FAULT"  # test hook: "rank=1,stage=embeddings,after=1[,mode=exit]"
 STAGE_TIMEOUT = datetime.timedelta(days=7)  # rank 0 may index for hours while the others wait
 
 
@@ -109,26 +108,31 @@ def build_workspace_distributed(
     placement: Placement = Placement(),
     embedder: BERTForChunkEmbeddings | str | None = None,
     index_shards: int = 1,
+    on_file: Callable[[str, int, Path], None] | None = None,
     **build_kwargs,
 ) -> Path:
     """`build_workspace` spread over `placement`'s processes; `index_shards` > 1 writes a sharded index.
 
     `build_kwargs` are `build_workspace`'s (tokenizer, chunk_len, index, num_neighbors, seq_len, split,
     seed, batch_size, block_size, until, quiet); `device` is set from the placement. One process with an
-    unsharded index is exactly `build_workspace`.
+    unsharded index and no `on_file` is exactly `build_workspace`.
+
+    `on_file(stage, rank, path)` runs on a rank after each file it wrote in the stages shared out between
+    ranks (`embeddings` blocks, `index` shards, `neighbors` parts): progress reports, or a test's injected
+    fault. Spawned ranks get a pickled copy, so pass a module-level function or a `functools.partial` of one.
     """
     accelerator, devices, num_nodes = placement.resolve()
     if index_shards <= 0:
         raise RetroError(f"--index_shards must be > 0, got {index_shards}")
     if "device" in build_kwargs:
         raise RetroError("pass the device through placement.accelerator, not device=")
-    job = _Job(Path(workspace), corpus, embedder, index_shards, accelerator, build_kwargs)
+    job = _Job(Path(workspace), corpus, embedder, index_shards, accelerator, on_file, build_kwargs)
     if _external_launcher():
         _run_rank(int(os.environ["LOCAL_RANK"]), job, None, None, None)
         return Path(workspace)
     world = devices * num_nodes
     if world == 1:
-        if index_shards == 1:
+        if index_shards == 1 and on_file is None:
             return build_workspace(
                 workspace, corpus, embedder=embedder, device=_device(accelerator, 0), **build_kwargs
             )
@@ -159,6 +163,7 @@ class _Job:
     embedder: BERTForChunkEmbeddings | str | None
     index_shards: int
     accelerator: str
+    on_file: Callable[[str, int, Path], None] | None
     build_kwargs: dict
 
 
@@ -231,7 +236,7 @@ def _build_ranked(group: _Group, job: _Job) -> None:
         raise RetroError(f"until must be one of {STAGES}, got {until!r}")
     device = _device(job.accelerator, group.local_rank)
     embedder = _rank_embedder(job.embedder, device, kw.pop("batch_size", 128))
-    root, fault = job.root, _Fault.from_env(group.rank)
+    root = job.root
 
     def on_zero(until_stage: str) -> None:  # rank 0 runs build_workspace up to a stage (checks settings too)
         group.run_on_zero(
@@ -249,11 +254,11 @@ def _build_ranked(group: _Group, job: _Job) -> None:
         n_blocks = math.ceil(len(ws.chunks) / size)
         start = time.perf_counter()
         mine = range(group.rank, n_blocks, group.world)
-        tick = lambda path: fault.tick("embeddings")  # noqa: E731
+        on_block = _report(job, "embeddings", group)
         counts = group.run_all(
             lambda: sum(
                 len(np.load(p, mmap_mode="r"))
-                for p in embed_chunks(root, embedder, mine, quiet=quiet, on_block=tick)
+                for p in embed_chunks(root, embedder, mine, quiet=quiet, on_block=on_block)
             )
         )
         seconds = max(group.gather(time.perf_counter() - start))
@@ -268,7 +273,7 @@ def _build_ranked(group: _Group, job: _Job) -> None:
         _build_index_shards(group, job, kw, device)
     if until == "index":
         return
-    _search_neighbors(group, root, kw, device, fault)
+    _search_neighbors(group, job, kw, device)
     on_zero("neighbors")  # everything is done: logs the summary
 
 
@@ -279,9 +284,14 @@ def _build_index_shards(group: _Group, job: _Job, kw: dict, device: str) -> None
     start = time.perf_counter()
     group.run_on_zero(lambda: train_index_shards(ws, factory, shards=shards, seed=seed))
     gpu = _gpu_index(device)
-    group.run_all(
-        lambda: [fill_index_shard(ws, s, shards, device=gpu) for s in range(group.rank, shards, group.world)]
-    )
+
+    def fill() -> None:
+        for s in range(group.rank, shards, group.world):
+            path = fill_index_shard(ws, s, shards, device=gpu)
+            if job.on_file is not None:
+                job.on_file("index", group.rank, path)
+
+    group.run_all(fill)
 
     def finish() -> None:
         info = finish_index_shards(ws, factory, shards=shards, k=kw.get("num_neighbors", 2), seed=seed)
@@ -290,7 +300,8 @@ def _build_index_shards(group: _Group, job: _Job, kw: dict, device: str) -> None
     group.run_on_zero(finish)
 
 
-def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault: "_Fault") -> None:
+def _search_neighbors(group: _Group, job: _Job, kw: dict, device: str) -> None:
+    ws_root = job.root
     k, seq_len = kw.get("num_neighbors", 2), kw.get("seq_len", 2048)
     key = neighbors_key(k, seq_len)
     if stage_done(ws_root, key):
@@ -307,7 +318,7 @@ def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault
             parts[group.rank :: group.world],
             nprobe=nprobe,
             device=_gpu_index(device),
-            on_part=lambda path: fault.tick("neighbors"),
+            on_part=_report(job, "neighbors", group),
         )
     )
     seconds = max(group.gather(time.perf_counter() - start))
@@ -347,6 +358,11 @@ def _mark_embeddings(root: Path, embedder, n_blocks: int, n_new: int, seconds: f
         "world_size": world,
     }
     mark_stage(root, "embeddings", info)
+
+
+def _report(job: _Job, stage: str, group: _Group) -> Callable[[Path], None] | None:
+    """`job.on_file` for this stage and rank, in the one-argument shape the stage functions call back."""
+    return None if job.on_file is None else lambda path: job.on_file(stage, group.rank, path)
 
 
 def _device(accelerator: str, local_rank: int) -> str:
@@ -393,33 +409,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@dataclass
-class _Fault:
-    """Test hook: `RETRO_LIT_FAULT="rank=1,stage=embeddings,after=1[,mode=exit]"` makes that rank raise
-    (or die with `os._exit`, like a killed process) once it has written `after` files of that stage."""
-
-    stage: str | None = None
-    after: int = 0
-    mode: str = "raise"
-    seen: int = 0
-
-    @classmethod
-    def from_env(cls, rank: int) -> "_Fault":
-        spec = dict(item.split("=", 1) for item in os.environ.get(FAULT_ENV, "").split(",") if "=" in item)
-        if not spec or int(spec.get("rank", -1)) != rank:
-            return cls()
-        return cls(spec.get("stage"), int(spec.get("after", 0)), spec.get("mode", "raise"))
-
-    def tick(self, stage: str) -> None:
-        if stage != self.stage:
-            return
-        self.seen += 1
-        if self.seen >= self.after:
-            if self.mode == "exit":
-                os._exit(17)
-            raise RuntimeError(f"injected fault in stage {stage} after {self.seen} files ({FAULT_ENV})")
 
 
 def build_db_main(argv: list[str] | None = None) -> int:
