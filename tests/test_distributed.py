@@ -19,6 +19,17 @@ TWO_CPUS = Placement("cpu", 2, 1, "ddp")
 BUILD = {"tokenizer": "bpe:300", "chunk_len": M, "num_neighbors": K, "seq_len": T, "block_size": 64}
 
 
+@pytest.fixture(autouse=True)
+def _restore_master_port():
+    """Fabric's spawn launcher exports the port it picked (MASTER_PORT) into this process: undo that."""
+    before = os.environ.get("MASTER_PORT")
+    yield
+    if before is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = before
+
+
 @dataclass
 class Fault:
     """An `on_file` hook: rank `rank` raises (or, with `exit`, dies like a killed process) once it has
