@@ -174,6 +174,9 @@ def test_sharded_ivf_search_equals_unsharded(tmp_path):
         (Placement(devices=0), "must be > 0"),
         (Placement(devices="two"), "devices"),
         (Placement("cpu", 2, strategy="single_device"), "single_device"),
+        (Placement("cpu", 2, strategy="ddp_fork"), "strategy must be one of"),
+        (Placement(strategy="fsdp"), "--trainer.strategy fsdp: the database build trains nothing"),
+        (Placement(strategy="deepspeed_stage_3"), "nothing to shard"),
     ],
 )
 def test_bad_placement_is_refused_naming_the_flag(placement, message):
@@ -183,8 +186,8 @@ def test_bad_placement_is_refused_naming_the_flag(placement, message):
 
 def test_placement_resolves_lightning_names():
     assert Placement("cpu", "auto").resolve() == ("cpu", 1, 1)
-    assert Placement("cpu", 2, 1, "ddp_find_unused_parameters_true").resolve() == ("cpu", 2, 1)
-    assert Placement("auto", 1, 1, "fsdp").resolve()[0] == ("gpu" if torch.cuda.is_available() else "cpu")
+    assert Placement("cpu", 2, 1, "ddp_spawn").resolve() == ("cpu", 2, 1)
+    assert Placement("auto", 1, 1, "DDP").resolve()[0] == ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def test_multi_node_needs_the_rendezvous_variables(tmp_path, monkeypatch):

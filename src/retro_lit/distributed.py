@@ -61,9 +61,9 @@ from retro_lit.workspace import STAGES, RetroError, block_path, mark_stage, neig
 log = logging.getLogger(__name__)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-# every DDP-flavoured name means "one process per device" here: the build trains nothing, so there is
-# nothing to shard (fsdp, deepspeed) and no launcher choice that changes the result (spawn is used)
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
+# the strategies the build runs: one process per device, spawned unless a launcher started them
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
+SHARDING_STRATEGIES = ("fsdp", "deepspeed", "xla_fsdp", "model_parallel")  # and their variants
 STAGE_TIMEOUT = datetime.timedelta(days=7)  # rank 0 may index for hours while the others wait
 
 
@@ -78,8 +78,8 @@ class Placement:
     num_nodes: int = 1
     """Nodes; each one runs the same command with its NODE_RANK (MASTER_ADDR, MASTER_PORT set)."""
     strategy: str = "auto"
-    """Accepted: auto, ddp, ddp_spawn, ddp_fork, ddp_notebook, fsdp, deepspeed (all: one process per
-    device), single_device (devices must be 1); `ddp_find_unused_parameters_*` variants too."""
+    """auto, ddp or ddp_spawn: one process per device (spawned, or started by torchrun/srun);
+    single_device: one process. fsdp and deepspeed are refused: the build trains nothing to shard."""
 
     def resolve(self) -> tuple[str, int, int]:
         """(accelerator `cpu`|`gpu`, devices per node, num_nodes); raises RetroError naming the flag."""
@@ -87,7 +87,12 @@ class Placement:
         if accelerator not in ACCELERATORS:
             raise RetroError(f"--trainer.accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         strategy = str(self.strategy).lower()
-        if strategy not in STRATEGIES and not strategy.startswith(("ddp_", "fsdp", "deepspeed")):
+        if strategy.startswith(SHARDING_STRATEGIES):
+            raise RetroError(
+                f"--trainer.strategy {strategy}: the database build trains nothing, so there is nothing to "
+                "shard; use ddp (one process per device)"
+            )
+        if strategy not in STRATEGIES:
             raise RetroError(f"--trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
         cuda = torch.cuda.is_available()
         if accelerator in ("gpu", "cuda") and not cuda:
