@@ -1,6 +1,9 @@
 """Distributed database build (2 gloo processes on CPU): same bytes as one process, resume after a failed or
 killed rank, and a sharded index that answers like the unsharded exact one."""
 
+import os
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 import pytest
@@ -8,13 +11,45 @@ import torch
 from faiss.contrib.datasets import SyntheticDataset
 
 from retro_lit.commands import main
-from retro_lit.distributed import FAULT_ENV, Placement, build_workspace_distributed
+from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.index import load_index, search_excluding
 from retro_lit.workspace import RetroError, open_workspace
 from test_database import K, M, T, build, make_corpus, snapshot, tiny_bert
 
 TWO_CPUS = Placement("cpu", 2, 1, "ddp")
 BUILD = {"tokenizer": "bpe:300", "chunk_len": M, "num_neighbors": K, "seq_len": T, "block_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def _restore_master_port():
+    """Fabric's spawn launcher exports the port it picked (MASTER_PORT) into this process: undo that."""
+    before = os.environ.get("MASTER_PORT")
+    yield
+    if before is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = before
+
+
+@dataclass
+class Fault:
+    """An `on_file` hook: rank `rank` raises (or, with `exit`, dies like a killed process) once it has
+    written `after` files of `stage`. Module-level, so the spawned ranks can unpickle it."""
+
+    rank: int
+    stage: str
+    after: int = 1
+    exit: bool = False
+    written: int = 0
+
+    def __call__(self, stage: str, rank: int, path) -> None:
+        if (stage, rank) != (self.stage, self.rank):
+            return
+        self.written += 1
+        if self.written >= self.after:
+            if self.exit:
+                os._exit(17)
+            raise RuntimeError(f"injected fault in stage {stage} after {self.written} files")
 
 
 def same_files(got_root, expected_root):
@@ -65,20 +100,23 @@ def test_two_process_cli_build_is_byte_identical_to_one_process(tmp_path, refere
 
 
 @pytest.mark.slow  # three 2-process builds (~35 s); the default suite keeps the 2-process CLI build
-def test_failed_then_killed_rank_resumes_to_the_same_files(tmp_path, reference, monkeypatch):
+def test_failed_then_killed_rank_resumes_to_the_same_files(tmp_path, reference):
     root, corpus = reference
     ws_root, bert = tmp_path / "ws", tiny_bert()
 
-    monkeypatch.setenv(FAULT_ENV, "rank=1,stage=embeddings,after=1")  # rank 1 raises after its first block
-    with pytest.raises(Exception, match="injected fault"):
-        build_workspace_distributed(ws_root, corpus, placement=TWO_CPUS, embedder=bert, **BUILD)
+    with pytest.raises(Exception, match="injected fault"):  # rank 1 raises after its first block
+        build_workspace_distributed(
+            ws_root, corpus, placement=TWO_CPUS, embedder=bert, on_file=Fault(1, "embeddings"), **BUILD
+        )
     blocks = {p.name: p.stat().st_mtime_ns for p in (ws_root / "embeddings").glob("block_*.npy")}
     assert 1 <= len(blocks) < open_workspace(root).manifest["stages"]["embeddings"]["blocks"]
     assert "embeddings" not in open_workspace(ws_root).manifest["stages"]
 
-    monkeypatch.setenv(FAULT_ENV, "rank=1,stage=neighbors,after=1,mode=exit")  # rank 1 dies mid-search
+    killed = Fault(1, "neighbors", exit=True)  # rank 1 dies mid-search
     with pytest.raises(Exception, match="exit"):
-        build_workspace_distributed(ws_root, corpus, placement=TWO_CPUS, embedder=bert, **BUILD)
+        build_workspace_distributed(
+            ws_root, corpus, placement=TWO_CPUS, embedder=bert, on_file=killed, **BUILD
+        )
     stages = open_workspace(ws_root).manifest["stages"]
     assert stages["embeddings"]["done"] and stages["index"]["done"] and f"neighbors/k{K}_t{T}" not in stages
     assert all((ws_root / "embeddings" / name).stat().st_mtime_ns == t for name, t in blocks.items())
@@ -87,7 +125,6 @@ def test_failed_then_killed_rank_resumes_to_the_same_files(tmp_path, reference, 
     }
     assert parts  # the finished parts of both ranks are on disk
 
-    monkeypatch.delenv(FAULT_ENV)
     build_workspace_distributed(ws_root, corpus, placement=TWO_CPUS, embedder=bert, **BUILD)
     same_files(ws_root, root)
     assert all((ws_root / "embeddings" / name).stat().st_mtime_ns == t for name, t in blocks.items())
@@ -138,6 +175,9 @@ def test_sharded_ivf_search_equals_unsharded(tmp_path):
         (Placement(devices=0), "must be > 0"),
         (Placement(devices="two"), "devices"),
         (Placement("cpu", 2, strategy="single_device"), "single_device"),
+        (Placement("cpu", 2, strategy="ddp_fork"), "strategy must be one of"),
+        (Placement(strategy="fsdp"), "--trainer.strategy fsdp: the database build trains nothing"),
+        (Placement(strategy="deepspeed_stage_3"), "nothing to shard"),
     ],
 )
 def test_bad_placement_is_refused_naming_the_flag(placement, message):
@@ -147,8 +187,8 @@ def test_bad_placement_is_refused_naming_the_flag(placement, message):
 
 def test_placement_resolves_lightning_names():
     assert Placement("cpu", "auto").resolve() == ("cpu", 1, 1)
-    assert Placement("cpu", 2, 1, "ddp_find_unused_parameters_true").resolve() == ("cpu", 2, 1)
-    assert Placement("auto", 1, 1, "fsdp").resolve()[0] == ("gpu" if torch.cuda.is_available() else "cpu")
+    assert Placement("cpu", 2, 1, "ddp_spawn").resolve() == ("cpu", 2, 1)
+    assert Placement("auto", 1, 1, "DDP").resolve()[0] == ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def test_multi_node_needs_the_rendezvous_variables(tmp_path, monkeypatch):

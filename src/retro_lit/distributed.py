@@ -1,12 +1,12 @@
 """Distributed database build: embedding, index filling and neighbour search spread over processes.
 
-Placement follows Lightning's trainer flags (`accelerator`, `devices`, `num_nodes`, `strategy`); the
-engine is plain `torch.distributed`. Only small Python objects cross ranks (a status per stage, over a
-gloo group); every array goes through the workspace's files, so the workspace must be on a filesystem
-that all ranks see. A rank r of W:
+Placement follows Lightning's trainer flags (`accelerator`, `devices`, `num_nodes`, `strategy`) and runs on
+Lightning Fabric: Fabric starts the processes, forms the process group and gives each rank its place. Only
+small Python objects cross ranks (a status per stage, over a gloo group); every array goes through the
+workspace's files, so the workspace must be on a filesystem that all ranks see. A rank r of W:
 
 1. waits while rank 0 runs stage 1 (`chunks`: BPE training and tokenization) and checks the settings
-   (when this module spawns the ranks, node 0's launching process has done this before spawning);
+   (when the ranks are spawned, node 0's launching process has done this before spawning);
 2. embeds blocks r, r + W, r + 2W, ... (`embeddings/block_XXXXX.npy`; a block on disk is skipped);
 3. waits while rank 0 builds the index (or, with `index_shards` S > 1: rank 0 trains it once on a sample,
    every rank fills shards r, r + W, ..., rank 0 tunes nprobe on the shards searched together);
@@ -18,26 +18,36 @@ disk. A failed rank fails the stage on every rank (each raises); rerunning the s
 files already written are skipped. Blocks, parts and query batches do not depend on W, so a W-process
 build writes the same bytes as a 1-process one.
 
-Launch: `devices * num_nodes` processes; on each node `torch.multiprocessing.spawn` starts `devices` local
-ranks (global rank = NODE_RANK * devices + local rank). Under an external launcher (torchrun, SLURM
-wrappers that set RANK, LOCAL_RANK and WORLD_SIZE) the current process is one rank and nothing is spawned.
-Multi-node runs read MASTER_ADDR, MASTER_PORT and NODE_RANK from the environment (see docs/scaling.md).
+Launch: `devices * num_nodes` ranks. On each node Fabric spawns `devices` local ranks (its `ddp_spawn`;
+global rank = NODE_RANK * devices + local rank), reading MASTER_ADDR, MASTER_PORT and NODE_RANK on more
+than one node. When a launcher already started the ranks (torchrun, srun, mpirun, LSF's jsrun: Fabric's
+cluster environments detect them), the current process is one rank and nothing is spawned; `devices *
+num_nodes` must then match the launcher's world size, as for `fit` (see docs/scaling.md).
 """
 
 import datetime
 import logging
 import math
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.environments import (
+    ClusterEnvironment,
+    LightningEnvironment,
+    LSFEnvironment,
+    MPIEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
+from lightning.fabric.strategies import DDPStrategy
 
 from retro_lit.build import build_summary, build_workspace, format_summary
 from retro_lit.embedder import BERTForChunkEmbeddings
@@ -49,10 +59,9 @@ from retro_lit.workspace import STAGES, RetroError, block_path, mark_stage, neig
 log = logging.getLogger(__name__)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-# every DDP-flavoured name means "one process per device" here: the build trains nothing, so there is
-# nothing to shard (fsdp, deepspeed) and no launcher choice that changes the result (spawn is used)
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
-FAULT_ENV = "RETRO_LIT_FAULT"  # test hook: "rank=1,stage=embeddings,after=1[,mode=exit]"
+# the strategies the build runs: one process per device, spawned unless a launcher started them
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
+SHARDING_STRATEGIES = ("fsdp", "deepspeed", "xla_fsdp", "model_parallel")  # and their variants
 STAGE_TIMEOUT = datetime.timedelta(days=7)  # rank 0 may index for hours while the others wait
 
 
@@ -67,8 +76,8 @@ class Placement:
     num_nodes: int = 1
     """Nodes; each one runs the same command with its NODE_RANK (MASTER_ADDR, MASTER_PORT set)."""
     strategy: str = "auto"
-    """Accepted: auto, ddp, ddp_spawn, ddp_fork, ddp_notebook, fsdp, deepspeed (all: one process per
-    device), single_device (devices must be 1); `ddp_find_unused_parameters_*` variants too."""
+    """auto, ddp or ddp_spawn: one process per device (spawned, or started by torchrun/srun);
+    single_device: one process. fsdp and deepspeed are refused: the build trains nothing to shard."""
 
     def resolve(self) -> tuple[str, int, int]:
         """(accelerator `cpu`|`gpu`, devices per node, num_nodes); raises RetroError naming the flag."""
@@ -76,7 +85,12 @@ class Placement:
         if accelerator not in ACCELERATORS:
             raise RetroError(f"--trainer.accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
         strategy = str(self.strategy).lower()
-        if strategy not in STRATEGIES and not strategy.startswith(("ddp_", "fsdp", "deepspeed")):
+        if strategy.startswith(SHARDING_STRATEGIES):
+            raise RetroError(
+                f"--trainer.strategy {strategy}: the database build trains nothing, so there is nothing to "
+                "shard; use ddp (one process per device)"
+            )
+        if strategy not in STRATEGIES:
             raise RetroError(f"--trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
         cuda = torch.cuda.is_available()
         if accelerator in ("gpu", "cuda") and not cuda:
@@ -107,47 +121,85 @@ def build_workspace_distributed(
     placement: Placement = Placement(),
     embedder: BERTForChunkEmbeddings | str | None = None,
     index_shards: int = 1,
+    on_file: Callable[[str, int, Path], None] | None = None,
     **build_kwargs,
 ) -> Path:
     """`build_workspace` spread over `placement`'s processes; `index_shards` > 1 writes a sharded index.
 
     `build_kwargs` are `build_workspace`'s (tokenizer, chunk_len, index, num_neighbors, seq_len, split,
     seed, batch_size, block_size, until, quiet); `device` is set from the placement. One process with an
-    unsharded index is exactly `build_workspace`.
+    unsharded index and no `on_file` is exactly `build_workspace`.
+
+    `on_file(stage, rank, path)` runs on a rank after each file it wrote in the stages shared out between
+    ranks (`embeddings` blocks, `index` shards, `neighbors` parts): progress reports, or a test's injected
+    fault. Spawned ranks get a pickled copy, so pass a module-level function or a `functools.partial` of one.
     """
     accelerator, devices, num_nodes = placement.resolve()
     if index_shards <= 0:
         raise RetroError(f"--index_shards must be > 0, got {index_shards}")
     if "device" in build_kwargs:
         raise RetroError("pass the device through placement.accelerator, not device=")
-    job = _Job(Path(workspace), corpus, embedder, index_shards, accelerator, build_kwargs)
-    if _external_launcher():
-        _run_rank(int(os.environ["LOCAL_RANK"]), job, None, None, None)
-        return Path(workspace)
-    world = devices * num_nodes
-    if world == 1:
-        if index_shards == 1:
-            return build_workspace(
-                workspace, corpus, embedder=embedder, device=_device(accelerator, 0), **build_kwargs
-            )
-        _build_ranked(_Group(0, 1, 0, 1), job)
-        return Path(workspace)
-    addr, port, node_rank = _rendezvous(num_nodes)
-    if node_rank == 0:  # stage 1 and the settings checks here, before any process starts: errors stay plain
+    fabric = _fabric(accelerator, devices, num_nodes)
+    if fabric.world_size == 1 and index_shards == 1 and on_file is None:
+        return build_workspace(
+            workspace, corpus, embedder=embedder, device=str(fabric.device), **build_kwargs
+        )
+    spawn = fabric.world_size > 1 and not fabric.strategy.cluster_environment.creates_processes_externally
+    if spawn and num_nodes > 1:
+        _check_rendezvous(num_nodes)
+    if spawn and fabric.node_rank == 0:  # stage 1 and the settings checks before a rank starts: plain errors
         build_workspace(
             workspace, corpus, embedder=embedder, device="cpu", **build_kwargs | {"until": "chunks"}
         )
-    errors = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(_run_rank, args=(job, (addr, port), (node_rank, devices, world), errors), nprocs=devices)
-    finally:
-        message = None if errors.empty() else errors.get()
+    job = _Job(Path(workspace), corpus, embedder, index_shards, on_file, build_kwargs)
+    message = fabric.launch(_run_rank, job, devices)
     if message is not None:  # a bad setting or corpus, found on some rank: one clear error, like 1 process
         raise RetroError(message)
-    if node_rank == 0 and build_kwargs.get("until", "neighbors") == "neighbors":
+    if spawn and fabric.node_rank == 0 and build_kwargs.get("until", "neighbors") == "neighbors":
         k, seq_len = build_kwargs.get("num_neighbors", 2), build_kwargs.get("seq_len", 2048)
         log.info("%s", format_summary(build_summary(workspace, k, seq_len)))
     return Path(workspace)
+
+
+def _fabric(accelerator: str, devices: int, num_nodes: int) -> Fabric:
+    """Fabric over `devices * num_nodes` processes: spawned ones, or those a launcher started already.
+
+    Fabric's `ddp` would start the other ranks by rerunning this program's command line (which, in a test
+    or a notebook, is not this build), so they are spawned (`ddp_spawn`). The group is gloo even on GPUs:
+    only small Python objects cross it, and no NCCL watchdog cuts a week-long wait for rank 0.
+    """
+    cluster = _cluster_environment()
+    if devices * num_nodes == 1 and not cluster.creates_processes_externally:
+        strategy = "auto"  # Fabric's SingleDeviceStrategy: this process alone
+    else:
+        strategy = DDPStrategy(
+            cluster_environment=cluster,
+            start_method="popen" if cluster.creates_processes_externally else "spawn",
+            process_group_backend="gloo",
+            timeout=STAGE_TIMEOUT,
+        )
+    return Fabric(
+        accelerator="cuda" if accelerator == "gpu" else "cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+    )
+
+
+def _cluster_environment() -> ClusterEnvironment:
+    """The launcher that started this process, in the order Fabric detects them (torchrun first: it may run
+    inside SLURM), else Lightning's own environment, in which Fabric spawns the ranks."""
+    for environment in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment):
+        if environment.detect():
+            return environment()
+    return LightningEnvironment()
+
+
+def _check_rendezvous(num_nodes: int) -> None:
+    """Nodes meet at MASTER_ADDR:MASTER_PORT; without them Fabric would wait at a local address forever."""
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if v not in os.environ]
+    if missing:
+        raise RetroError(f"--trainer.num_nodes {num_nodes} needs {', '.join(missing)} in the environment")
 
 
 @dataclass
@@ -156,86 +208,76 @@ class _Job:
     corpus: str | Path
     embedder: BERTForChunkEmbeddings | str | None
     index_shards: int
-    accelerator: str
+    on_file: Callable[[str, int, Path], None] | None
     build_kwargs: dict
 
 
-class _Group:
-    """This rank's place in the build and the few collectives it needs (no-ops for one process)."""
-
-    def __init__(self, rank: int, world: int, local_rank: int, local_world: int):
-        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def run_all(self, fn: Callable[[], object]) -> list:
-        """Run `fn` on every rank; every rank raises if any failed, else returns all ranks' results."""
-        try:
-            result, status = fn(), None
-        except Exception as e:  # reported to the other ranks, then re-raised here
-            result, status, error = None, (type(e).__name__, str(e)), e
-        statuses = self.gather((status, result))
-        if status is not None:
-            raise error
-        for rank, (failed, _) in enumerate(statuses):
-            if failed is not None:
-                if failed[0] == "RetroError":
-                    raise RetroError(failed[1])
-                raise RuntimeError(f"rank {rank} of the database build failed: {failed[0]}: {failed[1]}")
-        return [r for _, r in statuses]
-
-    def run_on_zero(self, fn: Callable[[], object]):
-        """Run `fn` on rank 0 while the others wait; every rank raises if it failed."""
-        return self.run_all(fn if self.rank == 0 else lambda: None)[0]
+def _gather(fabric: Fabric, obj) -> list:
+    """Every rank's `obj`, in rank order. Fabric's all_gather takes tensors; these are small Python objects,
+    so this is torch's object gather on the process group Fabric set up."""
+    if fabric.world_size == 1:
+        return [obj]
+    out = [None] * fabric.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def _run_rank(local_rank: int, job: _Job, address, layout, errors) -> None:
-    """Entry point of one rank (spawned, or the current process under an external launcher)."""
-    if layout is None:  # torchrun-style environment
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-        init = "env://"
-    else:
-        node_rank, local_world, world = layout
-        rank, init = node_rank * local_world + local_rank, f"tcp://{address[0]}:{address[1]}"
-    threads = max(1, _cpus() // local_world)
-    torch.set_num_threads(threads)
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(message)s")
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=STAGE_TIMEOUT)
+def _run_all(fabric: Fabric, fn: Callable[[], object]) -> list:
+    """Run `fn` on every rank; every rank raises if any failed, else returns all ranks' results."""
     try:
-        _build_ranked(_Group(rank, world, local_rank, local_world), job)
+        result, status = fn(), None
+    except Exception as e:  # reported to the other ranks, then re-raised here
+        result, status, error = None, (type(e).__name__, str(e)), e
+    statuses = _gather(fabric, (status, result))
+    if status is not None:
+        raise error
+    for rank, (failed, _) in enumerate(statuses):
+        if failed is not None:
+            if failed[0] == "RetroError":
+                raise RetroError(failed[1])
+            raise RuntimeError(f"rank {rank} of the database build failed: {failed[0]}: {failed[1]}")
+    return [r for _, r in statuses]
+
+
+def _run_on_zero(fabric: Fabric, fn: Callable[[], object]):
+    """Run `fn` on rank 0 while the others wait; every rank raises if it failed."""
+    return _run_all(fabric, fn if fabric.global_rank == 0 else lambda: None)[0]
+
+
+def _run_rank(fabric: Fabric, job: _Job, devices: int) -> str | None:
+    """One rank's build (Fabric's launch function); returns a RetroError's message, else None.
+
+    A RetroError (a bad setting or corpus) is the same on every rank, so it is returned rather than raised:
+    Fabric hands rank 0's value back to the launching process, which raises it as one plain error.
+    """
+    if fabric.world_size > 1:  # one of `devices` processes on this node: share its cores
+        threads = max(1, _cpus() // devices)
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {fabric.global_rank}] %(message)s")
+    try:
+        _build_ranked(fabric, job)
     except RetroError as e:
-        if rank == 0 and errors is not None:
-            errors.put(str(e))
-        if errors is None:
-            raise
-    finally:
-        dist.destroy_process_group()
+        return str(e)
+    return None
 
 
-def _build_ranked(group: _Group, job: _Job) -> None:
-    """Stages 1-4 as rank `group.rank` of `group.world` (see the module docstring)."""
+def _build_ranked(fabric: Fabric, job: _Job) -> None:
+    """Stages 1-4 as rank `fabric.global_rank` of `fabric.world_size` (see the module docstring)."""
     kw = dict(job.build_kwargs)
     until, quiet = kw.get("until", "neighbors"), kw.get("quiet", True)
     if until not in STAGES:
         raise RetroError(f"until must be one of {STAGES}, got {until!r}")
-    device = _device(job.accelerator, group.local_rank)
+    device = str(fabric.device)
     embedder = _rank_embedder(job.embedder, device, kw.pop("batch_size", 128))
-    root, fault = job.root, _Fault.from_env(group.rank)
+    root, rank, world = job.root, fabric.global_rank, fabric.world_size
 
     def on_zero(until_stage: str) -> None:  # rank 0 runs build_workspace up to a stage (checks settings too)
-        group.run_on_zero(
+        _run_on_zero(
+            fabric,
             lambda: build_workspace(
                 root, job.corpus, embedder=embedder, device=device, **kw | {"until": until_stage}
-            )
+            ),
         )
 
     on_zero("chunks")
@@ -246,49 +288,54 @@ def _build_ranked(group: _Group, job: _Job) -> None:
         size = int(ws.manifest["settings"]["block_size"])
         n_blocks = math.ceil(len(ws.chunks) / size)
         start = time.perf_counter()
-        mine = range(group.rank, n_blocks, group.world)
-        tick = lambda path: fault.tick("embeddings")  # noqa: E731
-        counts = group.run_all(
+        mine = range(rank, n_blocks, world)
+        on_block = _report(job, "embeddings", rank)
+        counts = _run_all(
+            fabric,
             lambda: sum(
                 len(np.load(p, mmap_mode="r"))
-                for p in embed_chunks(root, embedder, mine, quiet=quiet, on_block=tick)
-            )
+                for p in embed_chunks(root, embedder, mine, quiet=quiet, on_block=on_block)
+            ),
         )
-        seconds = max(group.gather(time.perf_counter() - start))
-        group.run_on_zero(
-            lambda: _mark_embeddings(root, embedder, n_blocks, sum(counts), seconds, group.world)
-        )
+        seconds = max(_gather(fabric, time.perf_counter() - start))
+        _run_on_zero(fabric, lambda: _mark_embeddings(root, embedder, n_blocks, sum(counts), seconds, world))
     if until == "embeddings":
         return
     if job.index_shards == 1:
         on_zero("index")
     elif not stage_done(root, "index"):
-        _build_index_shards(group, job, kw, device)
+        _build_index_shards(fabric, job, kw)
     if until == "index":
         return
-    _search_neighbors(group, root, kw, device, fault)
+    _search_neighbors(fabric, job, kw)
     on_zero("neighbors")  # everything is done: logs the summary
 
 
-def _build_index_shards(group: _Group, job: _Job, kw: dict, device: str) -> None:
+def _build_index_shards(fabric: Fabric, job: _Job, kw: dict) -> None:
     ws = open_workspace(job.root)
     factory, seed = kw.get("index", "auto"), kw.get("seed", 0)
     shards = num_index_shards(ws, job.index_shards)
     start = time.perf_counter()
-    group.run_on_zero(lambda: train_index_shards(ws, factory, shards=shards, seed=seed))
-    gpu = _gpu_index(device)
-    group.run_all(
-        lambda: [fill_index_shard(ws, s, shards, device=gpu) for s in range(group.rank, shards, group.world)]
-    )
+    _run_on_zero(fabric, lambda: train_index_shards(ws, factory, shards=shards, seed=seed))
+    report = _report(job, "index", fabric.global_rank)
+
+    def fill() -> None:
+        for s in range(fabric.global_rank, shards, fabric.world_size):
+            path = fill_index_shard(ws, s, shards, device=fabric.device.index)
+            if report is not None:
+                report(path)
+
+    _run_all(fabric, fill)
 
     def finish() -> None:
         info = finish_index_shards(ws, factory, shards=shards, k=kw.get("num_neighbors", 2), seed=seed)
         mark_stage(job.root, "index", info | {"seconds": round(time.perf_counter() - start, 3)})
 
-    group.run_on_zero(finish)
+    _run_on_zero(fabric, finish)
 
 
-def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault: "_Fault") -> None:
+def _search_neighbors(fabric: Fabric, job: _Job, kw: dict) -> None:
+    ws_root = job.root
     k, seq_len = kw.get("num_neighbors", 2), kw.get("seq_len", 2048)
     key = neighbors_key(k, seq_len)
     if stage_done(ws_root, key):
@@ -297,18 +344,19 @@ def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault
     nprobe = ws.manifest["stages"]["index"].get("nprobe")
     parts = neighbor_parts(ws)
     start = time.perf_counter()
-    group.run_all(
+    _run_all(
+        fabric,
         lambda: compute_neighbor_parts(
             ws,
             k,
             seq_len,
-            parts[group.rank :: group.world],
+            parts[fabric.global_rank :: fabric.world_size],
             nprobe=nprobe,
-            device=_gpu_index(device),
-            on_part=lambda path: fault.tick("neighbors"),
-        )
+            device=fabric.device.index,
+            on_part=_report(job, "neighbors", fabric.global_rank),
+        ),
     )
-    seconds = max(group.gather(time.perf_counter() - start))
+    seconds = max(_gather(fabric, time.perf_counter() - start))
 
     def merge() -> None:
         paths = merge_neighbor_parts(ws, k, seq_len)
@@ -322,14 +370,14 @@ def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault
                 "files": [str(p.relative_to(ws_root)) for p in paths],
                 "queries_per_s": round(n_queries / max(seconds, 1e-9), 1),
                 "seconds": round(seconds, 3),
-                "world_size": group.world,
+                "world_size": fabric.world_size,
             },
         )
         for p in sorted((paths[0].parent / "parts").glob("*.npy")):
             p.unlink()
         (paths[0].parent / "parts").rmdir()
 
-    group.run_on_zero(merge)
+    _run_on_zero(fabric, merge)
 
 
 def _mark_embeddings(root: Path, embedder, n_blocks: int, n_new: int, seconds: float, world: int) -> None:
@@ -347,13 +395,9 @@ def _mark_embeddings(root: Path, embedder, n_blocks: int, n_new: int, seconds: f
     mark_stage(root, "embeddings", info)
 
 
-def _device(accelerator: str, local_rank: int) -> str:
-    return f"cuda:{local_rank}" if accelerator == "gpu" else "cpu"
-
-
-def _gpu_index(device: str) -> int | None:
-    """The faiss GPU of this rank (faiss falls back to the CPU when it has no GPU support)."""
-    return int(device.split(":")[1]) if device.startswith("cuda:") else None
+def _report(job: _Job, stage: str, rank: int) -> Callable[[Path], None] | None:
+    """`job.on_file` for this stage and rank, in the one-argument shape the stage functions call back."""
+    return None if job.on_file is None else lambda path: job.on_file(stage, rank, path)
 
 
 def _rank_embedder(embedder, device: str, batch_size: int) -> BERTForChunkEmbeddings:
@@ -368,56 +412,6 @@ def _rank_embedder(embedder, device: str, batch_size: int) -> BERTForChunkEmbedd
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _external_launcher() -> bool:
-    """True under torchrun-style launchers: RANK, LOCAL_RANK and WORLD_SIZE are set, WORLD_SIZE > 1."""
-    env = os.environ
-    return all(v in env for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) and int(env["WORLD_SIZE"]) > 1
-
-
-def _rendezvous(num_nodes: int) -> tuple[str, int, int]:
-    """(MASTER_ADDR, MASTER_PORT, NODE_RANK): from the environment; on one node, a free local port."""
-    env = os.environ
-    if num_nodes == 1:
-        return env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0)) or _free_port(), 0
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK") if v not in env]
-    if missing:
-        raise RetroError(f"--trainer.num_nodes {num_nodes} needs {', '.join(missing)} in the environment")
-    return env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["NODE_RANK"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class _Fault:
-    """Test hook: `RETRO_LIT_FAULT="rank=1,stage=embeddings,after=1[,mode=exit]"` makes that rank raise
-    (or die with `os._exit`, like a killed process) once it has written `after` files of that stage."""
-
-    stage: str | None = None
-    after: int = 0
-    mode: str = "raise"
-    seen: int = 0
-
-    @classmethod
-    def from_env(cls, rank: int) -> "_Fault":
-        spec = dict(item.split("=", 1) for item in os.environ.get(FAULT_ENV, "").split(",") if "=" in item)
-        if not spec or int(spec.get("rank", -1)) != rank:
-            return cls()
-        return cls(spec.get("stage"), int(spec.get("after", 0)), spec.get("mode", "raise"))
-
-    def tick(self, stage: str) -> None:
-        if stage != self.stage:
-            return
-        self.seen += 1
-        if self.seen >= self.after:
-            if self.mode == "exit":
-                os._exit(17)
-            raise RuntimeError(f"injected fault in stage {stage} after {self.seen} files ({FAULT_ENV})")
 
 
 def build_db(
