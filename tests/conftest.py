@@ -39,6 +39,13 @@ def _hermetic(monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models run fastest so, and don't fight other jobs on a busy box (_hermetic restores
+    the count). A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return functools.partial(RetroConfig, vocab_size=40, chunk_size=4, d_model=32, n_layer=2, n_head=2, head_dim=16,

@@ -11,11 +11,7 @@ from retro_lit.model import RetroModel
 from retro_lit.workspace import Workspace
 
 M, K = 4, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)  # tiny models: threads only contend on a busy box (conftest restores the count)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_made_workspace(root, split_docs: dict[str, list[list[list[int]]]]) -> Workspace:

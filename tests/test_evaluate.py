@@ -11,13 +11,8 @@ from retro_lit.model import RetroModel
 
 M, K, V = 4, 2, 40
 R = 2 * M
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight other jobs on a busy box (conftest restores it)."""
-    torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny(tiny_config):
