@@ -9,6 +9,7 @@
 - `tiny_bert_path` (session): the same BERT saved as a local model folder, for `--embedder <folder>`.
 - `tiny_workspace` (session): a built workspace (bytes, M = 4, K = 2, T = 16, Flat) and a random checkpoint for
   it, as (root, ckpt, embedder, corpus). Read it only: a test that writes there copies it or builds its own.
+- `one_thread`: one torch thread for the test; `_hermetic` (autouse) seeds and restores torch's global state.
 
 Plain helpers (`make_corpus`, `snapshot`, the tiny database's `build`) are in helpers.py.
 """
@@ -76,7 +77,7 @@ class TinyWorkspace(NamedTuple):
 
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory, tiny_config, tiny_bert) -> TinyWorkspace:
-    import lightning
+    import lightning  # here, not at the top: it takes seconds, and the model tests never need it
 
     from retro_lit.build import build_workspace
     from retro_lit.lit import RetroLM
