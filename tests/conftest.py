@@ -5,7 +5,8 @@
 - `tiny_corpus(name="corpus.txt", **kw)`: writes `helpers.make_corpus(tmp_path / name, **kw)` (n_docs,
   words_per_doc, seed, one_file_per_doc) and returns its path.
 - `tiny_bert` (session): one random 1-layer BERT (E = 16) with the MiniLM WordPiece tokenizer, a
-  `BERTForChunkEmbeddings`. Code that moves or changes an embedder builds its own with `helpers.tiny_bert()`.
+  `BERTForChunkEmbeddings` in float32 (bf16 autocast is ~7x slower on a CPU for a model this small). Code that
+  moves or changes an embedder builds its own with `helpers.tiny_bert()`: the same weights, in bf16 by default.
 - `tiny_bert_path` (session): the same BERT saved as a local model folder, for `--embedder <folder>`.
 - `tiny_workspace` (session): a built workspace (bytes, M = 4, K = 2, T = 16, Flat) and a random checkpoint for
   it, as (root, ckpt, embedder, corpus). Read it only: a test that writes there copies it or builds its own.
@@ -60,7 +61,7 @@ def tiny_corpus(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_bert() -> BERTForChunkEmbeddings:
-    return helpers.tiny_bert()
+    return helpers.tiny_bert(dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

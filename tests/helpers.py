@@ -35,15 +35,17 @@ def make_corpus(path: Path, n_docs: int = 30, words_per_doc: int = 32, seed: int
     return path
 
 
-def tiny_bert(name: str = "tiny-bert") -> BERTForChunkEmbeddings:
-    """A new random 1-layer BERT (E = 16, seeded) with the MiniLM WordPiece tokenizer, 32 texts a batch."""
+def tiny_bert(name: str = "tiny-bert", dtype: torch.dtype | None = None) -> BERTForChunkEmbeddings:
+    """A new random 1-layer BERT (E = 16, seeded) with the MiniLM WordPiece tokenizer, 32 texts a batch;
+    dtype: of its autocast (None: the embedder's default, bf16 on the CPU)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=64)
-    return BERTForChunkEmbeddings(name, "cpu", model=BertModel(config), tokenizer=tokenizer, batch_size=32)
+    return BERTForChunkEmbeddings(name, "cpu", model=BertModel(config), tokenizer=tokenizer, batch_size=32,
+                                  dtype=dtype)
 
 
 def save_bert(bert: BERTForChunkEmbeddings, folder: Path) -> Path:

@@ -274,11 +274,9 @@ def test_retro_index_live_search(built, tiny_bert):
 
 
 def test_embedder_pools_over_real_tokens_only(tiny_bert):
-    bert = BERTForChunkEmbeddings("tiny-bert", "cpu", model=tiny_bert.model, tokenizer=tiny_bert.tokenizer,
-                                  dtype=torch.float32)
     short, long = "river stone", " ".join(WORDS * 3)
-    alone = bert([short])
-    batched = bert([short, long])  # padded to the long text in one batch
+    alone = tiny_bert([short])  # float32
+    batched = tiny_bert([short, long])  # padded to the long text in one batch
     assert batched.shape == (2, 16) and batched.dtype == torch.float32
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
 
