@@ -12,20 +12,21 @@ import pytest
 import torch
 import yaml
 
+from helpers import make_corpus
 from retro_lit.cli import RetroCLI
 from retro_lit.commands import COMMANDS, Command, main
 from retro_lit.data import RetroDataModule
-from test_data import save_tiny_bert, write_corpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_bert_path):
     """Corpus and embedder of the tiny config, and a workspace built from them."""
     tmp = tmp_path_factory.mktemp("cli")
-    paths = {"corpus": write_corpus(tmp / "corpus"), "embedder": save_tiny_bert(tmp / "bert"), "workspace": tmp / "ws"}
+    corpus = make_corpus(tmp / "corpus", n_docs=40, words_per_doc=24, one_file_per_doc=True)
+    paths = {"corpus": corpus, "embedder": tiny_bert_path, "workspace": tmp / "ws"}
     paths = {k: str(v) for k, v in paths.items()}
     data = yaml.safe_load(Path(TINY).read_text())["data"]
     RetroDataModule(**{**data, **paths}).prepare_data()
@@ -193,7 +194,7 @@ def test_a_fit_logged_to_a_file_shows_progress_and_no_upstream_notices(tiny, tmp
     retro_lit("fit", *args_for(tiny, tmp_path / "run", "--trainer.max_steps=4", "--trainer.val_check_interval=2"),
               log=log, env={"PYTHONWARNINGS": "default"})
     text = log.read_text()
-    real = "The number of training batches (6) is smaller than the logging interval"  # 54 sequences, log every 10
+    real = "The number of training batches (6) is smaller than the logging interval"  # 51 sequences, log every 10
     assert text.count(real) == 1, text  # a warning about the user's own settings still shows
     text = "\n".join(line for line in text.splitlines() if real not in line)
     rate = r"[\d.]+k? (step/s|s/step)"

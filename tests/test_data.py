@@ -1,51 +1,27 @@
 """RetroDataModule / RetroDataset on a tiny built workspace (in-process, no Trainer)."""
 
 import pickle
-import random
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
 
+from helpers import make_corpus
 from retro_lit.data import IGNORE_INDEX, RetroDataModule, RetroDataset, RetroSample
-from retro_lit.embedder import default_model_path
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import RetroError, open_workspace
 
 M, K, T = 8, 2, 32
 L = T // M
-WORDS = "the king queen castle sword river night day love war crown ghost ship storm letter garden".split()
-
-
-def write_corpus(folder, n_docs=40, seed=0):
-    """One short synthetic document per file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for i in range(n_docs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "." for _ in range(rng.randint(2, 8))]
-        (folder / f"doc{i:03d}.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
-    return folder
-
-
-def save_tiny_bert(folder):
-    """A random 1-layer BERT with the MiniLM tokenizer, saved so that `--data.embedder <folder>` loads it."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, tiny_bert_path):
     tmp = tmp_path_factory.mktemp("data")
-    kwargs = dict(workspace=str(tmp / "ws"), corpus=str(write_corpus(tmp / "corpus")), tokenizer="bytes",
-                  chunk_size=M, seq_len=T, num_neighbors=K, embedder=str(save_tiny_bert(tmp / "bert")), index="Flat",
-                  batch_size=4, num_workers=0)
+    corpus = make_corpus(tmp / "corpus", n_docs=40, words_per_doc=24, one_file_per_doc=True)
+    kwargs = dict(workspace=str(tmp / "ws"), corpus=str(corpus), tokenizer="bytes", chunk_size=M, seq_len=T,
+                  num_neighbors=K, embedder=str(tiny_bert_path), index="Flat", batch_size=4, num_workers=0)
     RetroDataModule(**kwargs).prepare_data()
     return kwargs
 

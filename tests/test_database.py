@@ -4,55 +4,14 @@ import random
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retro_lit.build import build_workspace
+from helpers import K, M, T, WORDS, build, make_corpus, snapshot
 from retro_lit.commands import main
-from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
+from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.index import RetroIndex
 from retro_lit.neighbors import excluded_ranges
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import RetroError, open_workspace
-
-M, K, T = 8, 2, 32
-WORDS = "river stone cloud lamp ember frost hollow quill meadow cinder harbor lantern orchard".split()
-
-
-def make_corpus(path, n_docs=30, seed=0):
-    rng = random.Random(seed)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n_docs)]
-    path.write_text("\n\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
-
-
-def tiny_bert(name="tiny-bert"):
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    return BERTForChunkEmbeddings(name, "cpu", model=BertModel(config), tokenizer=tokenizer, batch_size=32)
-
-
-def build(workspace, corpus, embedder, **kw):
-    kw = {
-        "tokenizer": "bpe:300",
-        "chunk_len": M,
-        "num_neighbors": K,
-        "seq_len": T,
-        "block_size": 64,
-        "quiet": True,
-    } | kw
-    return build_workspace(workspace, corpus, embedder=embedder, **kw)
-
-
-def snapshot(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def mtimes(root):
@@ -60,15 +19,10 @@ def mtimes(root):
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return tiny_bert()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, embedder):
+def built(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("db")
     corpus = make_corpus(tmp / "corpus.txt")
-    return build(tmp / "ws", corpus, embedder), corpus
+    return build(tmp / "ws", corpus, tiny_bert), corpus
 
 
 def test_layout_and_chunk_round_trip(built):
@@ -133,21 +87,21 @@ def test_no_neighbor_holds_a_target_of_its_window(built):
                 assert not ({n, n + 1} if has_next else {n}) & predicted
 
 
-def test_training_documents_that_near_duplicate_held_out_ones_are_left_out(tmp_path, embedder):
+def test_training_documents_that_near_duplicate_held_out_ones_are_left_out(tmp_path, tiny_bert):
     rng = random.Random(1)
     docs = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(80)) for _ in range(20)]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, text in enumerate(docs + docs):  # every document twice: doc i and its twin 20 + i
         (corpus / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
-    kept = open_workspace(build(tmp_path / "ws", corpus, embedder, until="chunks"))
+    kept = open_workspace(build(tmp_path / "ws", corpus, tiny_bert, until="chunks"))
     names = {d["name"]: d["split"] for d in kept.documents}
     twin = lambda name: f"d{(int(name[1:3]) + 20) % 40:02d}.txt"  # noqa: E731
     held_out = [n for n, split in names.items() if split != "train"]
     assert held_out and all(names.get(twin(n), "gone") != "train" for n in held_out)
     dropped = kept.manifest["counts"]["near_duplicates_dropped"]
     assert sorted(dropped) == sorted(twin(n) for n in held_out if twin(n) not in names)
-    everything = open_workspace(build(tmp_path / "all", corpus, embedder, until="chunks", dedup_threshold=None))
+    everything = open_workspace(build(tmp_path / "all", corpus, tiny_bert, until="chunks", dedup_threshold=None))
     assert len(everything.documents) == 40 and everything.manifest["counts"]["near_duplicates_dropped"] == []
 
 
@@ -166,14 +120,14 @@ def test_neighbor_tokens_continuation_and_padding(built):
     assert (ws.neighbor_tokens(np.array([last_chunk]))[0, M:] == -1).all()
 
 
-def test_second_build_is_a_no_op(built, embedder):
+def test_second_build_is_a_no_op(built, tiny_bert):
     root, corpus = built
     before = mtimes(root)
-    build(root, corpus, embedder)
+    build(root, corpus, tiny_bert)
     assert mtimes(root) == before
 
 
-def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, built, embedder, monkeypatch):
+def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, built, tiny_bert, monkeypatch):
     root, corpus = built
     calls = {"n": 0}
     forward = BERTForChunkEmbeddings.forward
@@ -186,10 +140,10 @@ def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, bu
 
     monkeypatch.setattr(BERTForChunkEmbeddings, "forward", flaky)
     with pytest.raises(KeyboardInterrupt):
-        build(tmp_path / "ws", corpus, embedder)
+        build(tmp_path / "ws", corpus, tiny_bert)
     assert not open_workspace(tmp_path / "ws").manifest["stages"].get("embeddings")
     assert len(list((tmp_path / "ws" / "embeddings").glob("block_*.npy"))) == 2
-    build(tmp_path / "ws", corpus, embedder)
+    build(tmp_path / "ws", corpus, tiny_bert)
     expected, got = snapshot(root), snapshot(tmp_path / "ws")
     assert got.keys() == expected.keys()
     for name in expected:
@@ -197,14 +151,14 @@ def test_two_builds_are_identical_and_resume_after_interrupt_is_too(tmp_path, bu
             assert got[name] == expected[name], name
 
 
-def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, embedder):
+def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, tiny_bert):
     root, corpus = built
     import shutil
 
     copy = tmp_path / "ws"
     shutil.copytree(root, copy)
     before = mtimes(copy)
-    build(copy, corpus, embedder, num_neighbors=3)
+    build(copy, corpus, tiny_bert, num_neighbors=3)
     assert open_workspace(copy).neighbors("train", 3, T).shape[1] == 3
     assert all(mtimes(copy)[p] == t for p, t in before.items() if p.name != "manifest.json")
 
@@ -212,20 +166,20 @@ def test_new_num_neighbors_only_adds_its_neighbors(tmp_path, built, embedder):
 @pytest.mark.parametrize(
     "setting, value", [("chunk_len", 4), ("tokenizer", "bytes"), ("index", "IVF4,Flat"), ("seed", 1)]
 )
-def test_settings_mismatch_is_refused_naming_the_setting(built, embedder, setting, value):
+def test_settings_mismatch_is_refused_naming_the_setting(built, tiny_bert, setting, value):
     root, corpus = built
     before = snapshot(root)
     with pytest.raises(RetroError, match=f"built with {setting}="):
         build(
-            root, corpus, embedder, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {})
+            root, corpus, tiny_bert, **{setting: value} | ({"seq_len": 16} if setting == "chunk_len" else {})
         )
     assert snapshot(root) == before
 
 
-def test_changed_corpus_is_refused(tmp_path, built, embedder):
+def test_changed_corpus_is_refused(built, tiny_bert, tiny_corpus):
     root, _ = built
     with pytest.raises(RetroError, match="built with corpus"):
-        build(root, make_corpus(tmp_path / "other.txt", seed=1), embedder)
+        build(root, tiny_corpus("other.txt", seed=1), tiny_bert)
 
 
 @pytest.mark.parametrize(
@@ -238,19 +192,19 @@ def test_changed_corpus_is_refused(tmp_path, built, embedder):
         ({"seq_len": 12}, "multiple of chunk_len"),
     ],
 )
-def test_bad_build_settings(tmp_path, embedder, kw, message):
-    corpus = make_corpus(tmp_path / "c.txt")
+def test_bad_build_settings(tmp_path, tiny_bert, tiny_corpus, kw, message):
+    corpus = tiny_corpus("c.txt")
     with pytest.raises(RetroError, match=message):
-        build(tmp_path / "ws", corpus, embedder, **kw)
+        build(tmp_path / "ws", corpus, tiny_bert, **kw)
     assert not (tmp_path / "ws" / "chunks.npy").exists()
     assert not list((tmp_path / "ws").glob("*.tmp"))
 
 
-def test_unwritable_workspace_and_unknown_embedder(tmp_path, embedder):
-    corpus = make_corpus(tmp_path / "c.txt")
+def test_unwritable_workspace_and_unknown_embedder(tmp_path, tiny_bert, tiny_corpus):
+    corpus = tiny_corpus("c.txt")
     (tmp_path / "file").write_text("x")
     with pytest.raises(RetroError, match="not writable"):
-        build(tmp_path / "file" / "ws", corpus, embedder)
+        build(tmp_path / "file" / "ws", corpus, tiny_bert)
     with pytest.raises(RetroError, match="not available offline: pass a local model folder"):
         BERTForChunkEmbeddings(str(tmp_path / "no-such-bert"), "cpu")
 
@@ -268,21 +222,18 @@ def test_build_db_command_errors_return_2(tmp_path, capsys):
     assert "binary" in capsys.readouterr().err
 
 
-def test_a_failed_first_build_does_not_pin_its_settings(tmp_path, embedder):
+def test_a_failed_first_build_does_not_pin_its_settings(tmp_path, tiny_bert, tiny_corpus):
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(RetroError, match="not UTF-8"):
-        build(tmp_path / "ws", corpus, embedder)
-    make_corpus(corpus)
-    build(tmp_path / "ws", corpus, embedder)
+        build(tmp_path / "ws", corpus, tiny_bert)
+    tiny_corpus(corpus.name)
+    build(tmp_path / "ws", corpus, tiny_bert)
     assert open_workspace(tmp_path / "ws").manifest["stages"]["neighbors/k2_t32"]["done"]
 
 
-def test_build_db_command_builds_with_a_local_embedder(tmp_path, embedder, caplog):
-    folder = tmp_path / "bert"
-    embedder.model.save_pretrained(folder)
-    embedder.tokenizer.save_pretrained(folder)
-    corpus = make_corpus(tmp_path / "c.txt", n_docs=12)
+def test_build_db_command_builds_with_a_local_embedder(tmp_path, tiny_corpus, tiny_bert_path, caplog):
+    corpus = tiny_corpus("c.txt", n_docs=12)
     args = [
         "--corpus",
         str(corpus),
@@ -295,19 +246,19 @@ def test_build_db_command_builds_with_a_local_embedder(tmp_path, embedder, caplo
         "--seq_len",
         "64",
         "--embedder",
-        str(folder),
+        str(tiny_bert_path),
         "--trainer.accelerator",
         "cpu",
         "--quiet",
     ]
     assert main(["build-db", *args]) == 0
     ws = open_workspace(tmp_path / "ws")
-    assert ws.manifest["settings"]["embedder"] == str(folder) and ws.neighbors("test", 2, 64).shape[1] == 2
+    assert ws.manifest["settings"]["embedder"] == str(tiny_bert_path) and ws.neighbors("test", 2, 64).shape[1] == 2
 
 
-def test_retro_index_live_search(built, embedder):
+def test_retro_index_live_search(built, tiny_bert):
     ws = open_workspace(built[0])
-    index = RetroIndex(built[0], M, bert=embedder)
+    index = RetroIndex(built[0], M, bert=tiny_bert)
     a = ws.split_range("val")[0]
     result = index.search(torch.from_numpy(ws.chunks[a : a + 2].astype(np.int64)), k=3)
     assert result.ids.shape == (2, 3) and result.tokens.shape == (2, 3, 2 * M)
@@ -319,24 +270,21 @@ def test_retro_index_live_search(built, embedder):
     excluded = index.search([text], k=2, exclude_docs=[int(ws.chunk_doc[0])])
     assert int(ws.chunk_doc[0]) not in excluded.doc_ids[0].tolist()
     with pytest.raises(RetroError, match="chunk_len"):
-        RetroIndex(built[0], M + 1, bert=embedder).search(["x"])
+        RetroIndex(built[0], M + 1, bert=tiny_bert).search(["x"])
 
 
-def test_embedder_pools_over_real_tokens_only():
-    bert = tiny_bert()
-    bert.dtype = torch.float32
+def test_embedder_pools_over_real_tokens_only(tiny_bert):
     short, long = "river stone", " ".join(WORDS * 3)
-    alone = bert([short])
-    batched = bert([short, long])  # padded to the long text in one batch
+    alone = tiny_bert([short])  # float32
+    batched = tiny_bert([short, long])  # padded to the long text in one batch
     assert batched.shape == (2, 16) and batched.dtype == torch.float32
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
-def test_embedder_reports_each_batch_for_progress_within_a_block():
-    bert = tiny_bert()  # batch_size 32
+def test_embedder_reports_each_batch_for_progress_within_a_block(tiny_bert):
     texts = [" ".join(WORDS[: 1 + i % 10]) for i in range(70)]
     done = []
-    keys = bert.forward(bert.tokenize(texts), on_batch=done.append)
+    keys = tiny_bert.forward(tiny_bert.tokenize(texts), on_batch=done.append)  # batch_size 32
     assert done == [32, 32, 6] and keys.shape == (70, 16)
 
 

@@ -2,13 +2,12 @@
 from pathlib import Path
 
 from retro_lit.commands import main
-from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, capsys):
-    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=12, words_per_doc=400)
+def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, tiny_corpus, capsys):
+    corpus = tiny_corpus(n_docs=12, words_per_doc=400)
     argv = ["--fit_config", str(ROOT / "configs" / "tiny.yaml"), "--corpus", str(corpus), "--workspace",
             str(tmp_path / "ws"), "--run_dir", str(tmp_path / "run"), "--max_steps", "4", "--eval_tokens", "3000",
             "--prompt", "The king"]

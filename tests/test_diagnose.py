@@ -7,15 +7,11 @@ import pytest
 import torch
 
 from retro_lit.diagnose import CCANorms, copyable_share
-from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.model import RetroModel
 from retro_lit.workspace import Workspace
 
 M, K = 4, 2
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)  # tiny models: threads only contend on a busy box (conftest restores the count)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_made_workspace(root, split_docs: dict[str, list[list[list[int]]]]) -> Workspace:
@@ -51,13 +47,14 @@ def test_copyable_share_counts_neighbors_that_hold_the_next_chunk(tmp_path):
     assert sampled["chunks"] == 2 and sampled == copyable_share(ws, "test", ids, min_run=4, max_chunks=2, seed=1)
 
 
-def tiny(cca_layers=(1, 2)) -> RetroModel:
-    cfg = RetroConfig(vocab_size=40, chunk_size=M, d_model=32, n_layer=3, n_head=2, head_dim=8, d_ff=64,
-                      cca_layers=cca_layers, enc_n_layer=1, init_std=0.2)
-    return RetroModel.from_config(cfg).eval()
+@pytest.fixture
+def tiny(tiny_config):
+    """Builds a model of 3 layers with CCA at 1 and 2, heads of 8 and a larger init."""
+    config = tiny_config(vocab_size=40, chunk_size=M, n_layer=3, head_dim=8, cca_layers=(1, 2), init_std=0.2)
+    return lambda: RetroModel.from_config(config).eval()
 
 
-def test_cca_norms_give_one_ratio_per_layer_and_zero_without_output_projection():
+def test_cca_norms_give_one_ratio_per_layer_and_zero_without_output_projection(tiny):
     model = tiny()
     tokens, neighbors = torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 4, K, 2 * M))
     with CCANorms(model) as norms:
@@ -87,17 +84,10 @@ def test_cca_norms_of_a_retrofit_model_at_step_zero_are_zero():
     assert norms.ratios() == {0: 0.0, 1: 0.0}
 
 
-@pytest.fixture(scope="module")
-def tiny_workspace(tmp_path_factory):
-    from test_generate import build_tiny_workspace
-
-    return build_tiny_workspace(tmp_path_factory.mktemp("diagnose"))
-
-
 def test_diagnose_command_prints_tables_and_writes_json(tiny_workspace, tmp_path, capsys):
     from retro_lit.commands import main
 
-    ws, ckpt, _ = tiny_workspace
+    ws, ckpt, _, _ = tiny_workspace
     out = tmp_path / "diagnosis.json"
     assert main(["diagnose", "--workspace", str(ws), "--ckpt_path", str(ckpt), "--device", "cpu", "--max_tokens", "200",
                  "--min_run", "3", "--json_path", str(out)]) == 0

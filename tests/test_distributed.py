@@ -14,7 +14,7 @@ from retro_lit.commands import main
 from retro_lit.distributed import Placement, build_workspace_distributed
 from retro_lit.index import load_index, search_excluding
 from retro_lit.workspace import RetroError, open_workspace
-from test_database import K, M, T, build, make_corpus, snapshot, tiny_bert
+from helpers import K, M, T, build, make_corpus, snapshot, tiny_bert
 
 TWO_CPUS = Placement("cpu", 2, 1, "ddp")
 BUILD = {"tokenizer": "bpe:300", "chunk_len": M, "num_neighbors": K, "seq_len": T, "block_size": 64}

@@ -7,22 +7,18 @@ import torch
 
 from retro_lit.evaluate import (EvalDocument, Scorer, evaluate_documents, filtered_bpb, longest_common_substring,
                                 markdown_table, score_document, sliding_windows, window_stride)
-from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.model import RetroModel
 
 M, K, V = 4, 2, 40
 R = 2 * M
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight other jobs on a busy box (conftest restores it)."""
-    torch.set_num_threads(1)
-
-def tiny() -> RetroModel:
-    cfg = RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=2, n_head=2, head_dim=8, d_ff=64,
-                      cca_layers=(1,), enc_n_layer=1, enc_cross_layers=(0,), init_std=0.2)
-    return RetroModel.from_config(cfg).eval()
+@pytest.fixture
+def tiny(tiny_config):
+    """Builds the model these tests score with: tiny_config with heads of 8 and a larger init."""
+    config = tiny_config(vocab_size=V, chunk_size=M, head_dim=8, init_std=0.2)
+    return lambda: RetroModel.from_config(config).eval()
 
 
 @pytest.mark.parametrize("n_tokens", [1, 2, 5, 16, 17, 33, 50, 101])
@@ -38,7 +34,7 @@ def test_sliding_window_scores_every_token_once(n_tokens, seq_len):
     assert (counts == 1).all()
 
 
-def test_score_document_counts_each_prediction_once_and_matches_one_pass():
+def test_score_document_counts_each_prediction_once_and_matches_one_pass(tiny):
     """With a document that fits the context, sliding windows equal one forward; longer, every position is set."""
     model = tiny()
     tokens = torch.randint(1, V, (16,))
@@ -52,7 +48,7 @@ def test_score_document_counts_each_prediction_once_and_matches_one_pass():
     assert nats.shape == (44,) and (nats > 0).all() and len(calls) == len(sliding_windows(45, 8, M))
 
 
-def test_all_padding_neighbors_equal_retrieval_off():
+def test_all_padding_neighbors_equal_retrieval_off(tiny):
     model = tiny()
     tokens = torch.randint(1, V, (37,))
     padding = torch.full((10, K, R), -1)
@@ -93,7 +89,7 @@ def test_runs_do_not_span_two_neighbors():
     assert longest_common_substring(chunk, neighbors)[0] == 2
 
 
-def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks():
+def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks(tiny):
     model = tiny()
     rng = np.random.default_rng(1)
     docs = [EvalDocument(str(i), rng.integers(1, V, n)) for i, n in enumerate((30, 9, 64))]
@@ -116,7 +112,7 @@ def test_bpb_at_alpha_one_is_full_bpb_and_filtering_drops_copied_chunks():
     assert table.count("\n") == 4 and "bpb(α=0.125)" in table and "chunks kept" in table
 
 
-def test_overlap_of_a_partial_last_chunk_is_relative_to_its_own_length():
+def test_overlap_of_a_partial_last_chunk_is_relative_to_its_own_length(tiny):
     """A document's 2-token last chunk that a neighbour copies whole has r(C) = 1, not 2/M."""
     doc = EvalDocument("short", np.arange(1, 7))  # chunks [1 2 3 4], [5 6 - -]
 
@@ -140,7 +136,7 @@ def test_filtered_bpb():
     assert filtered_bpb(nats, n_bytes, overlap, 0.25, above=True) == pytest.approx(5 / math.log(2) / 3)
 
 
-def test_random_control_scores_random_neighbors_but_keeps_the_real_overlap():
+def test_random_control_scores_random_neighbors_but_keeps_the_real_overlap(tiny):
     model, rng = tiny(), np.random.default_rng(2)
     docs = [EvalDocument(f"d{i}", rng.integers(1, V, 30)) for i in range(3)]
 
@@ -160,14 +156,14 @@ def test_random_control_scores_random_neighbors_but_keeps_the_real_overlap():
     assert models["on"]["bpb_above_alpha"][0.5] == pytest.approx(models["on"]["bpb"])
 
 
-def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, capsys):
+def test_evaluate_command_writes_table_json_and_plots(tiny_workspace, tmp_path, monkeypatch, capsys):
     import json
-
-    from test_generate import build_tiny_workspace
+    import shutil
 
     from retro_lit.commands import main
 
-    ws, ckpt, embedder = build_tiny_workspace(tmp_path)
+    ws, ckpt, embedder, corpus = tiny_workspace
+    ckpt = shutil.copy(ckpt, tmp_path)  # --random_control writes its results next to the checkpoint
     monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     out = tmp_path / "out"
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "[1,2]", "--device", "cpu", "--quiet"]
@@ -182,7 +178,7 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     assert main(["evaluate", *base, "--split", "test", "--random_control"]) == 0  # precomputed, next to the ckpt
     result = json.loads((tmp_path / "eval_test.json").read_text())
     assert result["neighbors"].startswith("precomputed") and "random neighbours (k=2)" in result["models"]
-    assert main(["evaluate", *base, "--corpus", str(tmp_path / "corpus.txt"), "--max_tokens", "60", "--out_dir", str(out)]) == 0
+    assert main(["evaluate", *base, "--corpus", str(corpus), "--max_tokens", "60", "--out_dir", str(out)]) == 0
     assert (out / "eval_corpus_txt.json").exists()
     capsys.readouterr()
     assert main(["evaluate", *base, "--neighbors", "x"]) == 2
@@ -190,16 +186,14 @@ def test_evaluate_command_writes_table_json_and_plots(tmp_path, monkeypatch, cap
     assert err.startswith("error: ") and err.count("\n") == 1
 
 
-def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
+def test_random_neighbor_control_draws_seeded_train_chunks(tiny_workspace, tmp_path, capsys):
     import json
-
-    from test_generate import build_tiny_workspace
 
     from retro_lit.workspace import open_workspace
     from retro_lit.commands import main
     from retro_lit.evaluate import RandomNeighbors
 
-    ws_path, ckpt, _ = build_tiny_workspace(tmp_path)
+    ws_path, ckpt, _, _ = tiny_workspace
     ws = open_workspace(ws_path)
     lo, hi = ws.split_range("train")
     chunks = np.zeros((50, ws.chunk_len), dtype=np.int64)
@@ -214,20 +208,13 @@ def test_random_neighbor_control_draws_seeded_train_chunks(tmp_path, capsys):
     assert json.loads((tmp_path / "eval_test.json").read_text())["neighbors"] == "random train chunks (control)"
 
 
-@pytest.fixture(scope="module")
-def tiny_workspace(tmp_path_factory):
-    from test_generate import build_tiny_workspace
-
-    return build_tiny_workspace(tmp_path_factory.mktemp("eval"))
-
-
 def test_leakage_compares_ten_neighbors_whatever_k_the_model_reads(tiny_workspace, tmp_path):
     """r(C) uses the paper's 10 neighbours (§2.6) by default: the precomputed file holds 2, 8 more are searched."""
     import json
 
     from retro_lit.commands import main
 
-    ws, ckpt, _ = tiny_workspace
+    ws, ckpt, _, _ = tiny_workspace
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "1", "--device", "cpu", "--quiet",
             "--out_dir", str(tmp_path)]
     for split in ("test", "train"):

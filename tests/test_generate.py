@@ -3,22 +3,19 @@ import pytest
 import torch
 
 from retro_lit.generate import generate, sample_next
-from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.model import RetroModel
 
 M, K, V = 4, 2, 50
 R = 2 * M
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not fight other jobs on a busy box (conftest restores it)."""
-    torch.set_num_threads(1)
-
-def tiny() -> RetroModel:
-    cfg = RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=3, n_head=2, head_dim=8, d_ff=64,
-                      cca_layers=(1, 2), enc_n_layer=2, enc_cross_layers=(0,), init_std=0.2)
-    return RetroModel.from_config(cfg).eval()
+@pytest.fixture
+def tiny(tiny_config):
+    """Builds the model these tests decode with: 3 layers, CCA at 1 and 2, a 2-layer encoder."""
+    config = tiny_config(vocab_size=V, chunk_size=M, n_layer=3, head_dim=8, cca_layers=(1, 2), enc_n_layer=2,
+                         init_std=0.2)
+    return lambda: RetroModel.from_config(config).eval()
 
 
 def fake_retrieve(chunk: torch.Tensor) -> torch.Tensor:
@@ -31,7 +28,7 @@ def fake_retrieve(chunk: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("prompt_len", [1, 4, 9])
-def test_greedy_with_cache_equals_recomputation(prompt_len):
+def test_greedy_with_cache_equals_recomputation(tiny, prompt_len):
     model = tiny()
     prompt = torch.randint(0, V, (2, prompt_len))
     cached = generate(model, prompt, fake_retrieve, max_new_tokens=14, temperature=0.0)
@@ -41,7 +38,7 @@ def test_greedy_with_cache_equals_recomputation(prompt_len):
     assert torch.equal(cached[:, :prompt_len], prompt)
 
 
-def test_greedy_without_retrieval_matches_too():
+def test_greedy_without_retrieval_matches_too(tiny):
     model = tiny()
     prompt = torch.randint(0, V, (1, 5))
     torch.testing.assert_close(generate(model, prompt, None, 10, temperature=0.0),
@@ -49,7 +46,7 @@ def test_greedy_without_retrieval_matches_too():
 
 
 @pytest.mark.parametrize("prompt_len,use_cache", [(6, True), (8, True), (6, False)])
-def test_retrieval_happens_exactly_when_a_chunk_completes(prompt_len, use_cache):
+def test_retrieval_happens_exactly_when_a_chunk_completes(tiny, prompt_len, use_cache):
     """Chunk u is looked up once, before the model reads its last token (u+1)*M - 1, after reading the rest."""
     model = tiny()
     fed = []  # tokens the model has read before each forward
@@ -74,14 +71,14 @@ def test_retrieval_happens_exactly_when_a_chunk_completes(prompt_len, use_cache)
             assert read == (0 if (u + 1) * M <= prompt_len else (u + 1) * M - 1)
 
 
-def test_on_retrieval_reports_each_lookup():
+def test_on_retrieval_reports_each_lookup(tiny):
     seen = []
     tokens = generate(tiny(), torch.randint(0, V, (1, 2)), fake_retrieve, 9, temperature=0.0,
                       on_retrieval=lambda u, chunk, found: seen.append((u, found.shape)))
     assert seen == [(0, (1, K, R)), (1, (1, K, R))] and tokens.shape == (1, 11)
 
 
-def test_retrieve_must_return_two_chunks_of_tokens():
+def test_retrieve_must_return_two_chunks_of_tokens(tiny):
     with pytest.raises(ValueError, match=f"expected R = 2M = {R}.*got R = {M}"):
         generate(tiny(), torch.randint(0, V, (1, 5)), lambda chunk: fake_retrieve(chunk)[..., :M], 4)
 
@@ -93,17 +90,16 @@ class NoCacheModel(RetroModel):
         raise NotImplementedError
 
 
-def test_model_without_cache_falls_back_to_recomputation():
+def test_model_without_cache_falls_back_to_recomputation(tiny):
     model = tiny()
-    no_cache = NoCacheModel.from_config(RetroConfig(vocab_size=V, chunk_size=M, d_model=32, n_layer=3, n_head=2,
-                                                    head_dim=8, d_ff=64, cca_layers=(1, 2), init_std=0.2)).eval()
+    no_cache = NoCacheModel.from_config(model.config).eval()
     no_cache.load_state_dict(model.state_dict())
     prompt = torch.randint(0, V, (1, 5))
     torch.testing.assert_close(generate(no_cache, prompt, fake_retrieve, 10, temperature=0.0),
                                generate(model, prompt, fake_retrieve, 10, temperature=0.0))
 
 
-def test_bf16_autocast_generation_matches_recomputation():
+def test_bf16_autocast_generation_matches_recomputation(tiny):
     """Under bf16 autocast the float32 KV cache path and full recomputation agree (greedy)."""
     model = tiny()
     prompt = torch.randint(0, V, (1, 5))
@@ -113,7 +109,7 @@ def test_bf16_autocast_generation_matches_recomputation():
     assert cached.shape == (1, 11) and torch.equal(cached, recomputed)
 
 
-def test_sampling_is_seeded_and_filters():
+def test_sampling_is_seeded_and_filters(tiny):
     logits = torch.randn(3, V)
     assert torch.equal(sample_next(logits, 1.0, top_k=1), logits.argmax(-1))
     assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), logits.argmax(-1))
@@ -131,44 +127,10 @@ def test_sampling_is_seeded_and_filters():
 
 # ----------------------------------------------------------------------------- the command, on a tiny workspace
 
-def build_tiny_workspace(root):
-    """A bytes-tokenized workspace (M = 4) embedded by a random 1-layer BERT, and a random checkpoint for it.
-    Returns (workspace, checkpoint, embedder); patch `retro_lit.embedder.BERTForChunkEmbeddings` to return the
-    embedder so that `RetroIndex` reuses it."""
-    import random
-
-    import lightning
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from retro_lit.build import build_workspace
-    from retro_lit.embedder import BERTForChunkEmbeddings
-    from retro_lit.lit import RetroLM
-
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
-    bert = BertModel(BertConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=64))
-    embedder = BERTForChunkEmbeddings("tiny-bert", "cpu", model=bert, tokenizer=BertTokenizerFast(str(vocab)),
-                                      dtype=torch.float32)
-    rng = random.Random(0)
-    words = "king queen crown sword storm river ghost letter".split()
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 20))) for _ in range(14)]
-    (root / "corpus.txt").write_text("\n\n\n".join(docs))
-    ws = build_workspace(root / "ws", root / "corpus.txt", tokenizer="bytes", chunk_len=M, embedder=embedder,
-                         index="Flat", num_neighbors=2, seq_len=16, split=(0.7, 0.15, 0.15), quiet=True)
-    lm = RetroLM(RetroConfig(vocab_size=257, chunk_size=M, d_model=16, n_layer=2, n_head=2, head_dim=8, d_ff=32,
-                             cca_layers=(1,), enc_n_layer=1))
-    ckpt = root / "model.ckpt"
-    torch.save({"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams),
-                "pytorch-lightning_version": lightning.__version__,
-                "datamodule_hyper_parameters": {"seq_len": 16, "num_neighbors": 2}}, ckpt)
-    return ws, ckpt, embedder
-
-
-def test_generate_command_shows_each_retrieval(tmp_path, monkeypatch, capsys):
+def test_generate_command_shows_each_retrieval(tiny_workspace, tmp_path, monkeypatch, capsys):
     from retro_lit.commands import main
 
-    ws, ckpt, embedder = build_tiny_workspace(tmp_path)
+    ws, ckpt, embedder, _ = tiny_workspace
     monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
     argv = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--prompt", "the king", "--max_new_tokens", "6",
             "--temperature", "0", "--show_retrieval", "--device", "cpu"]

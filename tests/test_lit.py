@@ -10,14 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from retro_lit.data import IGNORE_INDEX, RetroSample
 from retro_lit.lit import LanguageModelMetrics, RetroLM, warmup_cosine
-from retro_lit.model import RetroConfig
 
-V, M, K, T, B = 40, 4, 2, 16, 2
-
-
-def tiny_config(**kw):
-    return RetroConfig(**{"vocab_size": V, "chunk_size": M, "d_model": 32, "n_layer": 2, "n_head": 2, "head_dim": 16,
-                          "d_ff": 64, "cca_layers": (1,), "enc_n_layer": 1} | kw)
+V, M, K, T, B = 40, 4, 2, 16, 2  # V and M: those of conftest's tiny_config
 
 
 class RandomSequences(Dataset):
@@ -65,7 +59,7 @@ def test_warmup_then_cosine_to_min_ratio():
     assert warmup_cosine(50, 10, math.inf, 0.1) == 1.0
 
 
-def test_optimizer_has_no_decay_on_norms_and_biases(tmp_path):
+def test_optimizer_has_no_decay_on_norms_and_biases(tiny_config, tmp_path):
     module = RetroLM(tiny_config(), lr=1e-3, weight_decay=0.05)
     module.trainer = trainer(tmp_path)
     config = module.configure_optimizers()
@@ -79,7 +73,7 @@ def test_optimizer_has_no_decay_on_norms_and_biases(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["both", "on", "off"])
-def test_eval_retrieval_modes_log_separate_keys(tmp_path, mode):
+def test_eval_retrieval_modes_log_separate_keys(tiny_config, tmp_path, mode):
     module = RetroLM(tiny_config(), eval_retrieval=mode)
     metrics = trainer(tmp_path).validate(module, loader(), verbose=False)[0]
     on = {"val/loss", "val/ppl", "val/bpb"}
@@ -89,7 +83,7 @@ def test_eval_retrieval_modes_log_separate_keys(tmp_path, mode):
         assert metrics["val/loss"] != metrics["val/loss_no_retrieval"]
 
 
-def test_training_lowers_loss_and_steps_the_schedule(tmp_path):
+def test_training_lowers_loss_and_steps_the_schedule(tiny_config, tmp_path):
     module = RetroLM(tiny_config(), lr=1e-2, warmup_steps=2, max_steps=30)
     t = trainer(tmp_path, max_steps=30)
     before = t.validate(module, loader(), verbose=False)[0]["val/loss"]
@@ -100,13 +94,13 @@ def test_training_lowers_loss_and_steps_the_schedule(tmp_path):
     assert scheduler.last_epoch == 30 and scheduler.get_last_lr()[0] == pytest.approx(1e-3)
 
 
-def test_baseline_without_cca_trains(tmp_path):
+def test_baseline_without_cca_trains(tiny_config, tmp_path):
     module = RetroLM(tiny_config(cca_layers=()), retrieval=False, eval_retrieval="off")
     trainer(tmp_path).fit(module, loader(), loader())
     assert module.model.encoder is None
 
 
-def test_checkpoint_of_a_python_built_module_loads_weights_only(tmp_path):
+def test_checkpoint_of_a_python_built_module_loads_weights_only(tiny_config, tmp_path):
     module = RetroLM(tiny_config(), lr=1e-3)
     t = trainer(tmp_path, max_steps=1)
     t.fit(module, loader())
@@ -119,7 +113,7 @@ def test_checkpoint_of_a_python_built_module_loads_weights_only(tmp_path):
     torch.testing.assert_close(restored(batch.input_ids, batch.neighbors), module(batch.input_ids, batch.neighbors))
 
 
-def test_fused_training_loss_equals_the_mean_eval_nats(monkeypatch):
+def test_fused_training_loss_equals_the_mean_eval_nats(tiny_config, monkeypatch):
     module = RetroLM(tiny_config())
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
     batch = next(iter(loader()))
@@ -130,7 +124,7 @@ def test_fused_training_loss_equals_the_mean_eval_nats(monkeypatch):
 
 @pytest.mark.slow  # inductor compiles C++ for 15-50 s, however small the model
 @pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(monkeypatch):
+def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(tiny_config, monkeypatch):
     torch._dynamo.reset()
     eager, compiled = RetroLM(tiny_config()), RetroLM(tiny_config(), compile=True)
     compiled.load_state_dict(eager.state_dict())  # same parameter names: checkpoints are interchangeable
@@ -148,7 +142,7 @@ def test_compiled_encoder_trains_like_eager_and_saves_the_same_weights(monkeypat
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
-def test_compile_without_a_cpp_compiler_is_refused(monkeypatch):
+def test_compile_without_a_cpp_compiler_is_refused(tiny_config, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="C\\+\\+ compiler"):
         RetroLM(tiny_config(), compile=True)

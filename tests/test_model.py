@@ -12,11 +12,14 @@ M, K, B = 4, 2, 2
 R = 2 * M
 
 
-def tiny(**overrides) -> RetroModel:
-    cfg = dict(vocab_size=50, chunk_size=M, d_model=32, n_layer=3, n_head=2, head_dim=8, d_ff=64,
-               cca_layers=(1, 2), enc_n_layer=2, enc_cross_layers=(0,))
-    cfg.update(overrides)
-    return RetroModel.from_config(RetroConfig(**cfg)).eval()
+@pytest.fixture
+def tiny(tiny_config):
+    """Builds a model of 3 layers with CCA at 1 and 2, heads of 8 and a 2-layer encoder; overrides are
+    RetroConfig fields."""
+    def build(**overrides) -> RetroModel:
+        cfg = dict(vocab_size=50, chunk_size=M, n_layer=3, head_dim=8, cca_layers=(1, 2), enc_n_layer=2) | overrides
+        return RetroModel.from_config(tiny_config(**cfg)).eval()
+    return build
 
 
 def random_batch(T=16, vocab=50, n_chunks=None):
@@ -24,7 +27,7 @@ def random_batch(T=16, vocab=50, n_chunks=None):
     return torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, L, K, R))
 
 
-def test_shapes_and_param_counts():
+def test_shapes_and_param_counts(tiny):
     model = tiny()
     tokens, neighbors = random_batch()
     assert model(tokens, neighbors).shape == (B, 16, 50)
@@ -35,7 +38,7 @@ def test_shapes_and_param_counts():
     assert counts["encoder"] > 0 and counts["decoder"] > 0
 
 
-def test_decoder_causality():
+def test_decoder_causality(tiny):
     model = tiny()
     tokens, neighbors = random_batch()
     base = model(tokens, neighbors)
@@ -48,7 +51,7 @@ def test_decoder_causality():
 
 
 @pytest.mark.parametrize("u", [0, 1, 3])
-def test_retrieval_causality(u):
+def test_retrieval_causality(tiny, u):
     """Neighbours of chunk u reach only positions >= (u+1)*M - 1 (the last token of chunk u onwards)."""
     model = tiny()
     tokens, neighbors = random_batch()
@@ -95,7 +98,7 @@ def test_cca_matches_reference(T):
     torch.testing.assert_close(got, reference_cca(cca, x, memory, valid), rtol=1e-4, atol=1e-5)
 
 
-def test_each_neighbor_is_encoded_on_its_own_chunk():
+def test_each_neighbor_is_encoded_on_its_own_chunk(tiny):
     """The encoder sees neighbour (chunk u, slot j) with chunk u's states only, whatever the other slots hold."""
     model = tiny()
     _, neighbors = random_batch()
@@ -107,7 +110,7 @@ def test_each_neighbor_is_encoded_on_its_own_chunk():
             torch.testing.assert_close(memory[:, u, j * R:(j + 1) * R], alone[:, 0], rtol=1e-4, atol=1e-5)
 
 
-def test_masked_neighbor_equals_removed_neighbor():
+def test_masked_neighbor_equals_removed_neighbor(tiny):
     model = tiny()
     tokens, neighbors = random_batch()
     masked = neighbors.clone()
@@ -115,7 +118,7 @@ def test_masked_neighbor_equals_removed_neighbor():
     torch.testing.assert_close(model(tokens, masked), model(tokens, neighbors[:, :, :1]))
 
 
-def test_all_padding_neighbors_equal_retrieval_off():
+def test_all_padding_neighbors_equal_retrieval_off(tiny):
     model = tiny()
     tokens, neighbors = random_batch()
     out = model(tokens, torch.full_like(neighbors, -1))
@@ -123,7 +126,7 @@ def test_all_padding_neighbors_equal_retrieval_off():
     torch.testing.assert_close(out, model(tokens, None))
 
 
-def test_retrieval_off_equals_model_without_cca():
+def test_retrieval_off_equals_model_without_cca(tiny):
     model = tiny()
     plain = tiny(cca_layers=())
     state = {k: v for k, v in model.state_dict().items() if k in plain.state_dict()}
@@ -132,7 +135,7 @@ def test_retrieval_off_equals_model_without_cca():
     torch.testing.assert_close(model(tokens), plain(tokens))
 
 
-def test_any_length_and_any_k():
+def test_any_length_and_any_k(tiny):
     model = tiny()
     for T, L, k in [(13, 3, 2), (5, 1, 4), (2, 0, 1)]:
         tokens = torch.randint(0, 50, (B, T))
@@ -141,7 +144,7 @@ def test_any_length_and_any_k():
 
 
 @pytest.mark.parametrize("given", [M, 2 * M + 1])
-def test_neighbors_of_other_than_two_chunks_are_refused(given):
+def test_neighbors_of_other_than_two_chunks_are_refused(tiny, given):
     """R = 2M (neighbour + continuation) is what CCA's positions assume: another R is an error naming both."""
     model = tiny()
     tokens, _ = random_batch()
@@ -161,7 +164,7 @@ def test_heads_times_dk_differs_from_d_model():
     assert model(tokens, neighbors).shape == (B, 16, 50)
 
 
-def test_every_parameter_gets_a_finite_gradient():
+def test_every_parameter_gets_a_finite_gradient(tiny):
     model = tiny().train()
     tokens, neighbors = random_batch()
     neighbors[0, 1] = -1
@@ -170,7 +173,7 @@ def test_every_parameter_gets_a_finite_gradient():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_bf16_autocast_forward_backward():
+def test_bf16_autocast_forward_backward(tiny):
     """bf16 (whose short attentions run SDPA's math kernel in bf16, the encoder recomputed in backward) gives
     the fp32 gradients to bf16 accuracy, and leaves torch's global SDPA setting as it found it."""
     model = tiny().train()
@@ -189,7 +192,7 @@ def test_bf16_autocast_forward_backward():
     assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
-def test_kv_cache_matches_full_forward():
+def test_kv_cache_matches_full_forward(tiny):
     """Prefill + one token at a time, retrieving as chunks complete, equals one full forward."""
     model = tiny()
     T = 15
@@ -205,7 +208,7 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_overfits_one_batch():
+def test_overfits_one_batch(tiny):
     model = tiny().train()
     tokens, neighbors = random_batch()
     opt = torch.optim.AdamW(model.param_groups(0.01), lr=3e-3)
@@ -227,7 +230,7 @@ def test_config_validation_names_the_flag():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fused_loss_matches_cross_entropy(autocast):
+def test_fused_loss_matches_cross_entropy(tiny, autocast):
     model = tiny().train()
     tokens, neighbors = random_batch()
     targets = tokens.roll(-1, 1)
@@ -257,7 +260,7 @@ def test_quickstart_model_round_trips_through_its_config():
     torch.testing.assert_close(rebuilt.eval()(tokens, neighbors), model.eval()(tokens, neighbors))
 
 
-def test_bf16_training_tracks_fp32_within_two_percent():
+def test_bf16_training_tracks_fp32_within_two_percent(tiny):
     """Quality is not bought with speed: the bf16-autocast loss curve stays within 2% of fp32's."""
     def losses(bf16: bool) -> torch.Tensor:
         torch.manual_seed(0)
@@ -284,7 +287,7 @@ def test_bf16_training_tracks_fp32_within_two_percent():
     assert ((bf16 - fp32).abs() / fp32).max() < 0.02
 
 
-def test_model_learns_to_copy_from_its_neighbors():
+def test_model_learns_to_copy_from_its_neighbors(tiny):
     """Random tokens are unpredictable (loss ln V) unless read from the neighbour, which holds each
     chunk's true continuation: the loss must fall well below ln V, so CCA, encoder and masks carry it."""
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from synthetic import write_corpus
+
+from helpers import make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -21,19 +22,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory) -> dict:
+def tiny_inputs(tmp_path_factory, tiny_bert_path) -> dict:
     """A corpus file and a random 1-layer BERT (MiniLM's tokenizer) saved as a local model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from retro_lit.embedder import default_model_path
-
-    root = tmp_path_factory.mktemp("nb_inputs")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    bert = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
-    bert.save_pretrained(root / "tiny-bert")
-    tokenizer.save_pretrained(root / "tiny-bert")
-    return {"corpus": str(write_corpus(root / "corpus.txt", words_per_doc=260)), "embedder": str(root / "tiny-bert")}
+    corpus = make_corpus(tmp_path_factory.mktemp("nb_inputs") / "corpus.txt", n_docs=10, words_per_doc=260)
+    return {"corpus": str(corpus), "embedder": str(tiny_bert_path)}
 
 
 TINY = {

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from retro_lit import build_database, build_dataset
+from helpers import make_corpus, snapshot
 from retro_lit.workspace import RetroError
-from synthetic import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_example_trains_and_checkpoints(tmp_path):
-    text = write_corpus(tmp_path / "text.txt")
+def test_quickstart_example_trains_and_checkpoints(tmp_path, tiny_corpus):
+    text = tiny_corpus("text.txt", n_docs=10, words_per_doc=700)
     env = {**os.environ, "RETRO_LIT_QUICKSTART_SMALL": "1"}  # the same script, with a model that trains in seconds
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), str(text), "6"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
@@ -29,38 +29,23 @@ def test_quickstart_example_trains_and_checkpoints(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("qs")
-    text = write_corpus(root / "text.txt", n_docs=6, words_per_doc=300)
-    build_database(root / "ws", text, bert=tiny_bert(), chunk_len=16)
+    text = make_corpus(root / "text.txt", n_docs=6, words_per_doc=300)
+    build_database(root / "ws", text, bert=tiny_bert, chunk_len=16)
     return root, text
 
 
-def tiny_bert():
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from retro_lit.embedder import BERTForChunkEmbeddings, default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=64))
-    return BERTForChunkEmbeddings("tiny-random-bert", "cpu", model=model, tokenizer=tokenizer)
-
-
-def snapshot(ws: Path) -> dict:
-    return {p.relative_to(ws): p.read_bytes() for p in sorted(ws.rglob("*")) if p.is_file()}
-
-
 @pytest.mark.parametrize("case", ["missing", "empty", "chunk_len", "other_chunk_len"])
-def test_bad_input_is_refused_and_leaves_the_workspace_intact(built, case, tmp_path):
+def test_bad_input_is_refused_and_leaves_the_workspace_intact(built, tiny_bert, case, tmp_path):
     root, text = built
     before = snapshot(root / "ws")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     calls = {
-        "missing": lambda: build_database(root / "ws", tmp_path / "nope.txt", bert=tiny_bert(), chunk_len=16),
-        "empty": lambda: build_database(root / "ws", empty, bert=tiny_bert(), chunk_len=16),
-        "chunk_len": lambda: build_database(root / "ws", text, bert=tiny_bert(), chunk_len=0),
+        "missing": lambda: build_database(root / "ws", tmp_path / "nope.txt", bert=tiny_bert, chunk_len=16),
+        "empty": lambda: build_database(root / "ws", empty, bert=tiny_bert, chunk_len=16),
+        "chunk_len": lambda: build_database(root / "ws", text, bert=tiny_bert, chunk_len=0),
         "other_chunk_len": lambda: build_dataset(root / "ws", text, chunk_len=8),
     }
     with pytest.raises((RetroError, FileNotFoundError)) as err:
@@ -69,9 +54,9 @@ def test_bad_input_is_refused_and_leaves_the_workspace_intact(built, case, tmp_p
     assert snapshot(root / "ws") == before
 
 
-def test_build_dataset_returns_the_vocabulary_size(built):
+def test_build_dataset_returns_the_vocabulary_size(built, tiny_bert):
     root, text = built
     from retro_lit import RetroIndex
 
     assert build_dataset(root / "ws", text, chunk_len=16, chunks_per_sample=4,
-                         index=RetroIndex(root / "ws", 16, bert=tiny_bert())) == 8192
+                         index=RetroIndex(root / "ws", 16, bert=tiny_bert)) == 8192

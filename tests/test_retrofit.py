@@ -14,6 +14,7 @@ from retro_lit.retrofit import SMOLLM2_GGUF, RetroFitConfig, RetroFitModel, defa
 
 V, M, K, T, B = 96, 4, 2, 16, 2
 L = T // M
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -25,11 +26,6 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     # dropout on, to check that the frozen LM stays in eval mode while the wrapper trains
     return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=64,
                                       resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)  # tiny models: threads only contend on a busy box (conftest restores the count)
 
 
 @pytest.fixture(params=["llama", "gpt2"])
