@@ -68,11 +68,13 @@ def test_a_terminal_gets_a_tqdm_bar(caplog):
     assert messages(caplog) == []
 
 
-def test_metrics_set_after_the_last_line_get_a_closing_line(caplog):
+def test_the_last_line_waits_for_close_and_shows_the_metrics_set_after_the_last_batch(caplog):
     with caplog.at_level(logging.INFO, logger="retro_lit.progress"):
         bar = ProgressLog(total=2, desc="validate", unit="batch", min_seconds=0.0)
-        bar.update(2)  # the last batch: 100 %, logged at once
+        bar.update(1)  # 50 %: logged at once
+        bar.update(1)  # the last batch: its line waits for the metrics
         bar.set_postfix_str("val/loss=1.5")  # what the end of validation computes afterwards
         bar.close()
         bar.close()
     assert [line.endswith("val/loss=1.5") for line in messages(caplog)] == [False, True]
+    assert "2/2 batch (100%)" in messages(caplog)[1]

@@ -58,7 +58,7 @@ class ProgressLog:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        if self.disable:
+        if self.disable or (self.total and self.n >= self.total):  # close() writes the last line, once
             return
         now = time.monotonic()
         step = self.every_fraction * self.total if self.total else math.inf
