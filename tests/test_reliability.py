@@ -1,18 +1,22 @@
-"""Reliability: checkpoints load weights-only (a malicious pickle never runs, and is one `error:` line)."""
+"""Reliability: checkpoints load weights-only (a malicious pickle never runs, and is one `error:` line); a huge
+document is read in pieces and cut between words, giving what the whole text gives."""
 
 import random
 import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from retro_lit.build import build_workspace
 from retro_lit.commands import main
+from retro_lit.corpus import MinHash, iter_documents, text_segments
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.generate import load_checkpoint
+from retro_lit.tokenizer import byte_tokenizer, train_bpe
 from retro_lit.workspace import RetroError
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
@@ -89,7 +93,8 @@ def test_the_malicious_checkpoint_would_run_if_unpickled(tmp_path):
     assert marker.exists()  # so the refusals below are what keeps it from running
 
 
-@pytest.mark.parametrize("command", ["fit", "fit last", "validate", "evaluate", "generate"])
+@pytest.mark.parametrize("command", ["fit", pytest.param("fit last", marks=pytest.mark.filterwarnings(
+    "ignore:Checkpoint directory .* exists and is not empty")), "validate", "evaluate", "generate"])
 def test_a_malicious_checkpoint_is_refused_in_one_line_and_never_runs(tiny, command, tmp_path, capsys):
     marker = tmp_path / "ran"
     if command == "fit last":  # the Trainer finds and loads it (`--ckpt_path last` is no file the CLI reads)
@@ -122,3 +127,80 @@ def test_a_checkpoint_with_a_corrupt_pickle_is_one_error_too(tmp_path):
             bad.writestr(name, b"\x80\x02garbage" if name.endswith("data.pkl") else ok.read(name))
     with pytest.raises(RetroError, match=r"is not what a weights-only load reads \(Unsupported operand \d+\); refusing"):
         load_checkpoint(tmp_path / "bad.ckpt", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- huge documents
+
+WORDS = ["king", "queen", "naïve", "日本語", "😀", "don't", "it's", "x_y", "12", "3.5", "--", "(a)", "é"]
+SEPARATORS = [" ", " ", " ", "  ", "\n", "\n", "\t", "\r\n", " \n", "\n\n", "\u00a0", "\u2028", "\n \n\n", "\n\n\n",
+              "\n\t\n\n  ", "\n\n\n\n"]
+
+
+def mixed_text(n_words: int, seed: int = 0) -> str:
+    """Words of several scripts and kinds between every kind of whitespace, blank-line runs (breaks) among them."""
+    rng = random.Random(seed)
+    return "".join(rng.choice(WORDS) + rng.choice(SEPARATORS) for _ in range(n_words))
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+def test_a_text_file_read_in_blocks_splits_into_the_documents_of_the_whole_text(tmp_path, monkeypatch, block):
+    text = "  \n\n\n" + mixed_text(3000) + "\n\n\n  \n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr("retro_lit.corpus._READ_BLOCK", block)  # block cuts inside characters and breaks
+    docs = list(iter_documents(path))
+    parts = [part for part in re.split(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*", text) if part.strip()]
+    assert [(d.name, d.text) for d in docs] == [(f"corpus.txt#{i}", part) for i, part in enumerate(parts)]
+    assert len(parts) > 100 and max(len(d.pieces) for d in docs) > 1
+
+
+def test_a_file_read_in_blocks_reports_its_faults_as_a_whole_read_did(tmp_path, monkeypatch):
+    monkeypatch.setattr("retro_lit.corpus._READ_BLOCK", 5)
+    raw = mixed_text(200).encode()
+    cases = {"nul": raw + b"\x00 tail", "latin1": raw + "café".encode("latin-1") + raw, "cut": raw + "é".encode()[:1],
+             "blank": b" \n\t\r\n " * 20}
+    for name, data in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "doc.txt").write_bytes(data)
+    with pytest.raises(RetroError, match=r"^binary file \(NUL bytes\), not text: "):
+        list(iter_documents(tmp_path / "nul"))
+    for name in ("latin1", "cut"):
+        try:
+            cases[name].decode("utf-8")
+        except UnicodeDecodeError as e:
+            expected = f"not UTF-8 text ({e.reason} at byte {e.start}): {tmp_path / name / 'doc.txt'}"
+        with pytest.raises(RetroError) as error:
+            list(iter_documents(tmp_path / name))
+        assert str(error.value) == expected
+    with pytest.raises(RetroError, match=r"^empty file: "):
+        list(iter_documents(tmp_path / "blank"))
+
+
+@pytest.mark.parametrize("size", [1, 40, 1000])
+def test_segments_keep_the_words_minhash_and_byte_level_tokens_of_the_whole_text(size):
+    text = mixed_text(4000, seed=1).replace("\n\n\n", "\n")
+    pieces = [text[i:i + 37] for i in range(0, len(text), 37)]  # read blocks cut anywhere, even inside a word
+    segments = list(text_segments(pieces, size))
+    assert "".join(segments) == text and len(segments) > len(text) // max(size, 200)
+    assert [w for s in segments for w in s.split()] == text.split()
+    assert np.array_equal(MinHash()(segments), MinHash()(text))
+    bpe = train_bpe([text], "bpe:400")
+    assert train_bpe(segments, "bpe:400").backend.to_str() == bpe.backend.to_str()  # the same merges
+    for tokenizer in (bpe, byte_tokenizer()):
+        assert [t for ids in tokenizer.encode_batch(segments) for t in ids] == tokenizer.encode(text)
+
+
+def test_minhash_of_few_words_or_none_is_unchanged():
+    """The signature of a text shorter than one n-gram, or without words, is that of one n-gram of them all."""
+    def whole(text):  # the signature as it was computed before it streamed
+        minhash = MinHash()
+        words = np.array([minhash.vocab.setdefault(w, len(minhash.vocab)) for w in text.split()] or [0], np.uint64)
+        shingle = np.zeros(1, dtype=np.uint64)
+        for j in range(len(words)):
+            shingle = shingle * np.uint64(1_000_003) + words[j:j + 1]
+        return ((shingle[:, None] * minhash.a + minhash.b) >> np.uint64(16)).min(axis=0)
+
+    for text in ("", "   ", "one", "a b c d e f g h i j k l"):
+        assert np.array_equal(MinHash()(text), whole(text))
+        assert np.array_equal(MinHash()([text[:3], text[3:]]), whole(text))
+
