@@ -1,8 +1,11 @@
 """Reliability: checkpoints load weights-only (a malicious pickle never runs, and is one `error:` line); a huge
-document is read in pieces and cut between words, giving what the whole text gives."""
+document streams through the chunks stage in about one copy of itself (the same files as if read whole)."""
 
+import os
 import random
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from retro_lit.commands import main
 from retro_lit.corpus import MinHash, iter_documents, text_segments
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.generate import load_checkpoint
+from retro_lit.malloc import allocator_env
 from retro_lit.tokenizer import byte_tokenizer, train_bpe
 from retro_lit.workspace import RetroError
 
@@ -204,3 +208,64 @@ def test_minhash_of_few_words_or_none_is_unchanged():
         assert np.array_equal(MinHash()(text), whole(text))
         assert np.array_equal(MinHash()([text[:3], text[3:]]), whole(text))
 
+
+# the chunks stage of a small corpus (the baseline: imports, tokenizer, first allocations), then of a big one, in a
+# process of its own with build-db's allocator; prints both peak RSS in bytes
+PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from retro_lit.chunks import chunk_corpus
+peaks = []
+for corpus in sys.argv[2:]:
+    Path(corpus + ".ws").mkdir()
+    chunk_corpus(corpus + ".ws", corpus, tokenizer=sys.argv[1], chunk_len=16)
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(*peaks)
+"""
+MiB = 1 << 20
+
+
+def huge_document_corpus(path: Path, size: int, lines: bool) -> int:
+    """A corpus of one document of `size` ASCII characters (one line, or lines of ~80) and five small ones;
+    returns the big document's size."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    with open(path, "w") as f:
+        written = 0
+        while written < size:
+            line = " ".join(rng.choices(words, k=12))
+            f.write(line + ("\n" if lines else " "))
+            written += len(line) + 1
+        for _ in range(5):
+            f.write("\n\n\n" + " ".join(rng.choices(words, k=100)))
+    return written
+
+
+def peak_rss_above_baseline(tmp_path: Path, size: int, tokenizer: str, lines: bool = False) -> tuple[int, int]:
+    """(peak RSS of the chunks stage of a corpus with one `size`-character document minus that of a small corpus,
+    the document's size)."""
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    huge_document_corpus(small, 20_000, lines)
+    doc_size = huge_document_corpus(big, size, lines)
+    env = allocator_env(streaming=True)
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, tokenizer, str(small), str(big)], env=env, check=True,
+                         capture_output=True, text=True, timeout=600).stdout
+    baseline, peak = map(int, out.split())
+    return peak - baseline, doc_size
+
+
+# Stated in retro_lit.chunks: peak RSS <= that of a small build + ~1x the largest document + tokenizing 1 Mi chars
+BOUND_CONSTANT, BOUND_PER_CHAR = 200 * MiB, 1.5
+
+
+def test_a_10_mb_one_line_document_is_held_about_once(tmp_path):
+    above, size = peak_rss_above_baseline(tmp_path, 10_000_000, "bytes")
+    assert above <= BOUND_CONSTANT + BOUND_PER_CHAR * size, f"{above / MiB:.0f} MiB above the baseline"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer,lines", [("bytes", False), ("bytes", True), ("bpe:1024", False)])
+def test_a_100_mb_document_is_held_about_once(tmp_path, tokenizer, lines):
+    above, size = peak_rss_above_baseline(tmp_path, 100_000_000, tokenizer, lines)
+    assert above <= BOUND_CONSTANT + BOUND_PER_CHAR * size, f"{above / MiB:.0f} MiB above the baseline"
