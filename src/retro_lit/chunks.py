@@ -2,24 +2,43 @@
 
 Writes `chunks.npy`, `chunk_doc.npy`, `doc_offsets.npy`, `documents.jsonl` and `tokenizer.json` (see
 retro_lit.workspace for the layout). Streams: tokens go to a flat temporary file, then into the chunk
-memmap in split order, so memory does not grow with the corpus.
+files in split order, with plain reads and writes, so memory does not grow with the corpus.
+
+Nor with a document, beyond the one copy that reading it holds (retro_lit.corpus): its MinHash signature, the
+BPE training and the tokenization work on `text_segments` of it, `_SEGMENT_CHARS` at a time, cut between words
+where byte-level BPE pre-tokens end, so `bytes` and `bpe:N` give the tokens of the whole text (any other
+tokenizer gets the whole text, a second copy). The bound, for a document whose words are separated by spaces
+or lines (such cuts every `_SEGMENT_CHARS` or so; a longer stretch without one is tokenized whole, at ~130
+bytes a character):
+
+    peak RSS <= RSS of a small build + ~150 MiB (tokenizing `_TOKENIZE_BATCH_CHARS`) + 1.3 x the largest document
+
+the document counted as a Python str (1 byte a character for ASCII text, up to 4). Measured for one-line ASCII
+documents with `bytes`: +157 MiB at 10 MB, +267 MiB at 100 MB (+258 MiB as 80-character lines, +272 MiB with
+`bpe:1024`), where the reading-it-whole code took +3 GiB at 10 MB; so ~2.8 GiB for a 2 GB document.
+tests/test_reliability.py checks <= 200 MiB + 1.5 x at 10 MB (and at 100 MB: `pytest -m slow`).
 """
 
 import contextlib
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from retro_lit.corpus import MinHash, iter_documents, near_duplicate_train_documents, split_documents
+from retro_lit.corpus import (Document, MinHash, iter_documents, near_duplicate_train_documents, split_documents,
+                              text_segments)
 from retro_lit.progress import progress
 from retro_lit.tokenizer import LMTokenizer, load_tokenizer, train_bpe
 from retro_lit.workspace import SPLITS, RetroError, atomic_save
 
 log = logging.getLogger(__name__)
 
-_TOKENIZE_BATCH_CHARS = 4 << 20
+_TOKENIZE_BATCH_CHARS = 1 << 20  # text tokenized at a time: the tokenizer takes ~130 bytes a character
+_COPY_ITEMS = 1 << 20  # tokens (or chunk documents) copied at a time into chunks.npy (chunk_doc.npy)
+_SEGMENT_CHARS = 1 << 16  # a long document is signed, fed to the BPE trainer (which holds 256 texts) and
+# tokenized this much at a time (several segments a batch: the tokenizer runs the texts of a batch in parallel)
 CHUNK_FILES = ("chunks.npy", "chunk_doc.npy", "doc_offsets.npy", "documents.jsonl", "tokenizer.json")
 
 
@@ -42,7 +61,7 @@ def chunk_corpus(
     for doc in progress(iter_documents(corpus), desc="scan", unit="doc", disable=quiet):
         names.append(doc.name)
         if minhash is not None:  # signed in this pass: the split that the comparison needs comes after it
-            signatures.append(minhash(doc.text))
+            signatures.append(minhash(text_segments(doc.pieces, _SEGMENT_CHARS)))
     labels = split_documents(len(names), split, seed)  # (n_docs,) int8 split of each doc, corpus order
     drop = np.zeros(len(names), dtype=bool)
     if minhash is not None:
@@ -50,7 +69,8 @@ def chunk_corpus(
         log.info("near-duplicates: %d training documents left out (13-gram Jaccard >= %g to a held-out one)",
                  drop.sum(), dedup_threshold)
     if tokenizer.startswith("bpe:"):
-        train_texts = (doc.text for doc, label, d in zip(iter_documents(corpus), labels, drop) if label == 0 and not d)
+        train_texts = (segment for doc, label, d in zip(iter_documents(corpus), labels, drop) if label == 0 and not d
+                       for segment in text_segments(doc.pieces, _SEGMENT_CHARS))
         lm_tokenizer = train_bpe(train_texts, tokenizer)
     else:
         lm_tokenizer = load_tokenizer(tokenizer)
@@ -68,19 +88,8 @@ def chunk_corpus(
     n_chunks = int(doc_offsets[-1])
     with contextlib.ExitStack() as files:  # every file replaces its name only once all of them are written
         tmp = {name: files.enter_context(atomic_save(root / name)) for name in CHUNK_FILES}
-        tokens = np.memmap(tmp_tokens, dtype=dtype, mode="r")  # (total_tokens,) corpus order
-        chunks = np.lib.format.open_memmap(tmp["chunks.npy"], "w+", dtype, (n_chunks, chunk_len))
-        chunk_doc = np.lib.format.open_memmap(tmp["chunk_doc.npy"], "w+", np.int32, (n_chunks,))
-        flat = chunks.reshape(-1)  # (n_chunks * M,)
-        starts = np.concatenate([[0], np.cumsum(n_tokens)])  # first token of each doc, corpus order
-        for doc, src in enumerate(order):
-            a, b = doc_offsets[doc], doc_offsets[doc + 1]
-            n = n_tokens[src]
-            flat[a * chunk_len : a * chunk_len + n] = tokens[starts[src] : starts[src] + n]
-            flat[a * chunk_len + n : b * chunk_len] = lm_tokenizer.pad_id
-            chunk_doc[a:b] = doc
-        chunks.flush(), chunk_doc.flush()
-        del tokens, chunks, chunk_doc, flat
+        _write_chunks(tmp_tokens, tmp["chunks.npy"], tmp["chunk_doc.npy"], order, n_tokens, doc_offsets, chunk_len,
+                      lm_tokenizer.pad_id, dtype)
         with open(tmp["doc_offsets.npy"], "wb") as f:
             np.save(f, doc_offsets)
         with open(tmp["documents.jsonl"], "w", encoding="utf-8") as f:
@@ -112,6 +121,28 @@ def chunk_corpus(
     }
 
 
+def _write_chunks(tokens_path: Path, chunks_path: Path, chunk_doc_path: Path, order: np.ndarray, n_tokens: np.ndarray,
+                  doc_offsets: np.ndarray, chunk_len: int, pad_id: int, dtype) -> None:
+    """`chunks.npy` (n_chunks, M) and `chunk_doc.npy` (n_chunks,): the documents of `order` (chunk order) from the
+    flat token file (corpus order), each padded to whole chunks; written in order, `_COPY_ITEMS` at a time, with
+    plain reads and writes (a memmap keeps resident every page it touches: twice the tokens of the largest doc)."""
+    n_chunks, itemsize = int(doc_offsets[-1]), np.dtype(dtype).itemsize
+    # open_memmap writes the .npy header and sizes the file; the rows go after it
+    chunks_at = np.lib.format.open_memmap(chunks_path, "w+", dtype, (n_chunks, chunk_len)).offset
+    chunk_doc_at = np.lib.format.open_memmap(chunk_doc_path, "w+", np.int32, (n_chunks,)).offset
+    starts = np.concatenate([[0], np.cumsum(n_tokens)])  # first token of each doc, corpus order
+    with open(tokens_path, "rb") as tokens, open(chunks_path, "r+b") as chunks, open(chunk_doc_path, "r+b") as docs:
+        chunks.seek(chunks_at), docs.seek(chunk_doc_at)
+        for doc, src in enumerate(order):
+            tokens.seek(int(starts[src]) * itemsize)
+            for lo in range(0, n_tokens[src], _COPY_ITEMS):
+                chunks.write(tokens.read(min(_COPY_ITEMS, n_tokens[src] - lo) * itemsize))
+            n_doc_chunks = int(doc_offsets[doc + 1] - doc_offsets[doc])
+            chunks.write(np.full(n_doc_chunks * chunk_len - n_tokens[src], pad_id, dtype).tobytes())
+            for lo in range(0, n_doc_chunks, _COPY_ITEMS):
+                docs.write(np.full(min(_COPY_ITEMS, n_doc_chunks - lo), doc, np.int32).tobytes())
+
+
 def _tokenize_to_file(
     corpus, tokenizer: LMTokenizer, path: Path, dtype, drop: np.ndarray, quiet: bool
 ) -> np.ndarray:
@@ -119,27 +150,33 @@ def _tokenize_to_file(
     (0 for a dropped document)."""
     n_docs = len(drop)
     counts = np.zeros(n_docs, dtype=np.int64)
-    i, batch, chars = 0, [], 0
+    seen, batch, chars = 0, [], 0  # documents read; (document, text) to tokenize
     with open(path, "wb") as f, progress(total=n_docs, desc="tokenize", unit="doc", disable=quiet) as bar:
         for d, doc in enumerate(iter_documents(corpus)):
-            batch.append("" if d < n_docs and drop[d] else doc.text)
-            chars += len(doc.text)
-            if chars >= _TOKENIZE_BATCH_CHARS:
-                i = _write_tokens(tokenizer, batch, f, counts, i, dtype)
-                bar.update(len(batch))
-                batch, chars = [], 0
-        i = _write_tokens(tokenizer, batch, f, counts, i, dtype)
-        bar.update(len(batch))
-    if i != n_docs:
-        raise RetroError(f"the corpus changed while it was read ({n_docs} then {i} documents)")
+            seen += 1
+            for text in _tokenizer_segments(doc, tokenizer) if d < n_docs and not drop[d] else ():
+                batch.append((d, text))
+                chars += len(text)
+                if chars >= _TOKENIZE_BATCH_CHARS:
+                    _write_tokens(tokenizer, batch, f, counts, dtype)
+                    batch, chars = [], 0
+            bar.update(1)
+        _write_tokens(tokenizer, batch, f, counts, dtype)
+    if seen != n_docs:
+        raise RetroError(f"the corpus changed while it was read ({n_docs} then {seen} documents)")
     return counts
 
 
-def _write_tokens(tokenizer: LMTokenizer, texts: list[str], f, counts: np.ndarray, i: int, dtype) -> int:
-    for ids in tokenizer.encode_batch(texts):
+def _tokenizer_segments(doc: Document, tokenizer: LMTokenizer) -> Iterable[str]:
+    """The document's text in `text_segments` for the byte-level tokenizers this stage builds (their tokens do not
+    change at those cuts), whole for any other."""
+    if tokenizer.spec == "bytes" or tokenizer.spec.startswith("bpe:"):
+        return text_segments(doc.pieces, _SEGMENT_CHARS)
+    return [doc.text]
+
+
+def _write_tokens(tokenizer: LMTokenizer, batch: list[tuple[int, str]], f, counts: np.ndarray, dtype) -> None:
+    """Tokenize and append the batch's texts, adding to their documents' token counts."""
+    for (d, _), ids in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
         np.asarray(ids, dtype=dtype).tofile(f)
-        counts[i] = len(ids)
-        i += 1
-    return i
-
-
+        counts[d] += len(ids)

@@ -12,6 +12,7 @@ typed function as a subcommand of the same parser (retro_lit.commands adds build
 import inspect
 import logging
 import os
+import pickle
 import sys
 import typing
 import warnings
@@ -27,7 +28,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from retro_lit.data import RetroDataModule
-from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM
+from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM, refuse_unpickling
 from retro_lit.workspace import RetroError
 
 
@@ -48,6 +49,8 @@ class RetroCLI(LightningCLI):
     `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`).
     Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
     Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
+    A `--ckpt_path` loads weights-only (no `--weights_only` flag): a checkpoint holding other Python objects is one
+    `RetroError` line (`retro_lit.lit.refuse_unpickling`), never unpickled.
 
     `commands` maps more subcommand names to typed functions: their parameters become the subcommand's options
     (help from the docstring's `Args:`; a `bool` is a `--name`/`--no_name` flag), and the function runs with them;
@@ -83,10 +86,19 @@ class RetroCLI(LightningCLI):
     def _running_command(self) -> bool:
         return self.config.get("subcommand") in self.commands
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no `--weights_only`: every checkpoint loads weights-only (_prepare_subcommand_kwargs)
+        return {name: {*skip, "weights_only"} for name, skip in LightningCLI.subcommands().items()}
+
     # a command is not a Trainer method: no checkpoint hyperparameters, seed, model, data or trainer to set up
     def _parse_ckpt_path(self) -> None:
-        if not self._running_command():
+        if self._running_command():
+            return
+        try:  # (reads the hyperparameters of a --ckpt_path file, weights-only)
             super()._parse_ckpt_path()
+        except pickle.UnpicklingError as e:
+            refuse_unpickling(self.config[self.config.subcommand].get("ckpt_path"), e)
 
     def _set_seed(self) -> None:
         if not self._running_command():
@@ -110,9 +122,15 @@ class RetroCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand not in self.commands:
-            return super()._run_subcommand(subcommand)
+            try:  # (the Trainer loads `--ckpt_path last`, `best` or `hpc`)
+                return super()._run_subcommand(subcommand)
+            except pickle.UnpicklingError as e:
+                refuse_unpickling(self.trainer.ckpt_path, e)
         options = self.parser.instantiate(self.config)[subcommand]  # dataclass options become objects
         self.command_result = self.commands[subcommand](**{k: v for k, v in options.items() if k != "config"})
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        return {**super()._prepare_subcommand_kwargs(subcommand), "weights_only": True}
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

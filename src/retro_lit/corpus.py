@@ -22,8 +22,16 @@ A *source* is one of:
 
 Every document is read as UTF-8; a missing, empty, binary (NUL bytes) or non-UTF-8 file raises
 `RetroError` naming the file.
+
+Memory: a document is held once, as the pieces it was read in (`Document.pieces`: 1 MiB blocks decoded one at a
+time, never joined unless `.text` is asked for), so reading a file costs about one copy of its largest document
+(a Python str: 1 byte a character for ASCII text, up to 4) plus a few blocks; a JSONL line costs about two (the
+line and its parsed text), a Parquet or Hugging Face row batch of 1024 rows, the batch. `text_segments` cuts the
+pieces again, between words, so that later passes (the MinHash signature here, the LM tokenizer in
+retro_lit.chunks) work on bounded segments and give what they would give on the whole text.
 """
 
+import codecs
 import gzip
 import hashlib
 import importlib.util
@@ -31,7 +39,7 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +50,13 @@ from retro_lit.workspace import RetroError
 LINUX_DOC_DIR = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 _DOC_BREAK = re.compile(r"\n[ \t\r\f\v]*\n[ \t\r\f\v]*\n\s*")  # >= 2 empty lines
 _HASH_BLOCK = 1 << 20
+_READ_BLOCK = 1 << 20  # bytes read (and decoded) at a time
+_SHINGLE_BLOCK = 1 << 12  # MinHash n-grams hashed at a time: (4096, num_perm) uint64, 4 MiB
+# where a text may be cut without changing its words, nor its byte-level BPE pre-tokens (GPT-2's pattern, which
+# never joins a word character to a following space or line break, and always starts a pre-token at a space
+# followed by a word character, or at a word character after a line break): between a word character and a
+# single space that a word character follows, and after a line break between two word characters
+_CUT = re.compile(r"(?<=\w)(?= \w)|(?<=\w\n)(?=\w)")
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 _WORD = re.compile(r"\S+")
 
@@ -49,7 +64,13 @@ _WORD = re.compile(r"\S+")
 @dataclass(frozen=True)
 class Document:
     name: str
-    text: str
+    pieces: tuple[str, ...]
+    """The text, in the pieces it was read in (any cut, even inside a word; one piece for a short document)."""
+
+    @property
+    def text(self) -> str:
+        """The whole text (a second copy of a document of several pieces)."""
+        return self.pieces[0] if len(self.pieces) == 1 else "".join(self.pieces)
 
 
 def iter_documents(
@@ -60,22 +81,38 @@ def iter_documents(
     if kind == "shakespeare" or kind == "folder":
         pattern = "*/*.md" if kind == "shakespeare" else glob
         for file in _files(path, pattern):
-            yield Document(_doc_name(file, path), _read_text(file))
+            yield Document(_doc_name(file, path), tuple(_read_pieces(file)))
     elif kind == "python-stdlib":
         for file in _stdlib_files(path, _stdlib_packages(source)):
-            yield Document(_doc_name(file, path), _read_text(file))
+            yield Document(_doc_name(file, path), tuple(_read_pieces(file)))
     elif kind == "linux-doc":
         for file in _files(path, "**/*.rst*"):
-            yield Document(_doc_name(file, path), _read_text(file))
+            yield Document(_doc_name(file, path), tuple(_read_pieces(file)))
     elif kind == "jsonl":
         yield from _jsonl_documents(path, text_column)
     elif kind in ("parquet", "hf"):
         yield from _table_documents(path, kind, text_column)
     else:
-        text = _read_text(path)
-        parts = [part for part in _DOC_BREAK.split(text) if part.strip()]
-        for i, part in enumerate(parts):
-            yield Document(f"{path.name}#{i}", part)
+        for i, pieces in enumerate(_split_at_breaks(_read_pieces(path))):
+            yield Document(f"{path.name}#{i}", pieces)
+
+
+def text_segments(pieces: Iterable[str], size: int) -> Iterator[str]:
+    """The text of `pieces` again, cut only at `_CUT` (between words, where a byte-level BPE's pre-tokens end),
+    at the first such place after every `size` characters or more: word lists and byte-level BPE tokens of the
+    segments, put end to end, are those of the whole text. A stretch without such a place comes whole."""
+    held, held_chars = [], 0  # the text since the last cut
+    for piece in pieces:
+        start = 0  # the start of the rest of `piece`
+        while (cut := _CUT.search(piece, max(start + size - held_chars, start + 1))) is not None:
+            held.append(piece[start:cut.start()])
+            yield "".join(held)
+            held, held_chars, start = [], 0, cut.start()
+        if start < len(piece):
+            held.append(piece[start:] if start else piece)
+            held_chars += len(piece) - start
+    if held:
+        yield "".join(held)
 
 
 def resolve_source(source: str | Path) -> tuple[str, Path]:
@@ -161,15 +198,34 @@ class MinHash:
         self.b = rng.integers(0, 1 << 63, num_perm, dtype=np.uint64)
         self.vocab: dict[str, int] = {}
 
-    def __call__(self, text: str) -> np.ndarray:
-        vocab = self.vocab
-        words = np.array([vocab.setdefault(w, len(vocab)) for w in _WORD.findall(text)] or [0], dtype=np.uint64)
+    def __call__(self, text: str | Iterable[str]) -> np.ndarray:
+        """The signature of `text`, whole or as segments cut between words (`text_segments`), in bounded memory:
+        a segment's words at a time, `_SHINGLE_BLOCK` n-grams hashed at a time."""
+        vocab, signature = self.vocab, None
+        tail = np.zeros(0, dtype=np.uint64)  # the last ngram - 1 words: the n-grams across segments
+        for segment in [text] if isinstance(text, str) else text:
+            words = np.array([vocab.setdefault(w, len(vocab)) for w in _WORD.findall(segment)], dtype=np.uint64)
+            words = np.concatenate([tail, words])
+            if len(words) >= self.ngram:
+                signature = self._min_hash(words, signature)
+                tail = words[len(words) - self.ngram + 1:]
+            else:
+                tail = words
+        if signature is None:  # fewer than `ngram` words: one n-gram of them all
+            signature = self._min_hash(tail if len(tail) else np.zeros(1, dtype=np.uint64), None)
+        return signature
+
+    def _min_hash(self, words: np.ndarray, signature: np.ndarray | None) -> np.ndarray:
+        """min(signature, the MinHash of the n-grams of words (N,)) -> (num_perm,)."""
         n = max(1, len(words) - self.ngram + 1)
         shingle = np.zeros(n, dtype=np.uint64)  # polynomial hash of each n-gram, wrapping in uint64
         for j in range(min(self.ngram, len(words))):
             shingle = shingle * np.uint64(1_000_003) + words[j: j + n]
-        hashed = shingle[:, None] * self.a + self.b  # (n, num_perm) one universal hash per permutation
-        return (hashed >> np.uint64(16)).min(axis=0)
+        for lo in range(0, n, _SHINGLE_BLOCK):
+            hashed = shingle[lo:lo + _SHINGLE_BLOCK, None] * self.a + self.b  # (block, num_perm) universal hashes
+            block_min = (hashed >> np.uint64(16)).min(axis=0)
+            signature = block_min if signature is None else np.minimum(signature, block_min)
+        return signature
 
 
 def near_duplicate_train_documents(signatures: np.ndarray, labels: np.ndarray, threshold: float = 0.8) -> np.ndarray:
@@ -231,18 +287,62 @@ def _doc_name(file: Path, root: Path) -> str:
     return name.removesuffix(".gz").removesuffix(".md") if root.name == "plays" else name.removesuffix(".gz")
 
 
-def _read_text(file: Path) -> str:
+def _read_pieces(file: Path) -> Iterator[str]:
+    """The UTF-8 text of `file` (`*.gz` decompressed), `_READ_BLOCK` bytes decoded at a time; a binary (NUL
+    bytes), non-UTF-8 or empty (ASCII whitespace only) file is a `RetroError` when the read reaches the fault."""
     opener = gzip.open if file.name.endswith(".gz") else open
+    offset, pending, blank = 0, b"", True  # bytes decoded so far; an incomplete character; nothing but spaces
     with opener(file, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
+        while True:
+            block = f.read(_READ_BLOCK)
+            if b"\x00" in block:
+                raise RetroError(f"binary file (NUL bytes), not text: {file}")
+            blank = blank and not block.strip()
+            data = pending + block if pending else block
+            try:
+                text, used = codecs.utf_8_decode(data, "strict", not block)
+            except UnicodeDecodeError as e:
+                raise RetroError(f"not UTF-8 text ({e.reason} at byte {offset + e.start}): {file}") from None
+            offset, pending = offset + used, data[used:]
+            if text:
+                yield text
+            if not block:
+                break
+    if blank:
         raise RetroError(f"empty file: {file}")
-    if b"\x00" in raw:
-        raise RetroError(f"binary file (NUL bytes), not text: {file}")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RetroError(f"not UTF-8 text ({e.reason} at byte {e.start}): {file}") from None
+
+
+def _split_at_breaks(pieces: Iterator[str]) -> Iterator[tuple[str, ...]]:
+    """The documents of a plain-text file read as `pieces`, each as its pieces: the non-blank parts between
+    `_DOC_BREAK`s, as `_DOC_BREAK.split` of the whole text gives them."""
+    document: list[str] = []
+    for region in _whole_space_runs(pieces):
+        first, *rest = _DOC_BREAK.split(region)
+        document.append(first)
+        for part in rest:
+            yield from _non_blank(document)
+            document = [part]
+    yield from _non_blank(document)
+
+
+def _whole_space_runs(pieces: Iterator[str]) -> Iterator[str]:
+    """The text of `pieces` again, cut only after a non-space character (and before the spaces that end the text):
+    every run of whitespace, where a `_DOC_BREAK` lies and on which alone it depends, is in one region."""
+    carry: list[str] = []  # the whitespace at the end of the text so far
+    for piece in pieces:
+        head = piece.rstrip()
+        if not head:  # all whitespace: the run goes on (joined once, when it ends)
+            carry.append(piece)
+            continue
+        yield "".join([*carry, head]) if carry else head
+        carry = [piece[len(head):]] if len(head) < len(piece) else []
+    yield "".join(carry)
+
+
+def _non_blank(document: list[str]) -> Iterator[tuple[str, ...]]:
+    """The document's non-empty pieces, unless it is all whitespace."""
+    if any(piece and not piece.isspace() for piece in document):
+        yield tuple(piece for piece in document if piece)
 
 
 def _row_name(row: dict, i: int, prefix: str) -> str:
@@ -264,7 +364,7 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[Document]:
     with opener(path, "rt", encoding="utf-8", errors="strict") as f:
         try:
             for i, line in enumerate(f):
-                if not line.strip():
+                if line.isspace():  # (not `strip()`: no copy of a long line)
                     continue
                 try:
                     row = json.loads(line)
@@ -273,9 +373,10 @@ def _jsonl_documents(path: Path, text_column: str) -> Iterator[Document]:
                 if text_column not in row:
                     raise RetroError(f"no {text_column!r} field on line {i + 1} of {path}")
                 text = _checked_text(row[text_column], f"line {i + 1} of {path}")
-                if text.strip():
+                del line  # the parsed text is the one copy kept
+                if text and not text.isspace():
                     n_docs += 1
-                    yield Document(_row_name(row, i, path.name), text)
+                    yield Document(_row_name(row, i, path.name), (text,))
         except UnicodeDecodeError:
             raise RetroError(f"not UTF-8 text: {path}") from None
     if n_docs == 0:
@@ -307,9 +408,9 @@ def _table_documents(path: Path, kind: str, text_column: str) -> Iterator[Docume
     for rows in batches:
         for row in rows:
             text = _checked_text(row[text_column], f"row {i} of {path}")
-            if text.strip():
+            if text and not text.isspace():
                 n_docs += 1
-                yield Document(_row_name(row, i, path.name), text)
+                yield Document(_row_name(row, i, path.name), (text,))
             i += 1
     if n_docs == 0:
         raise RetroError(f"no non-empty text in {path}")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from retro_lit.embedder import resolve_device
 from retro_lit.index import RetroIndex
-from retro_lit.lit import RetroLM
+from retro_lit.lit import load_checkpoint_dict, retro_lm_from_checkpoint
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import RetroError, open_workspace
 
@@ -174,13 +174,14 @@ def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) ->
 # ----------------------------------------------------------------------------- checkpoints and the command
 
 def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """(model in eval mode on `device`, the datamodule hparams saved with it or {}) from a RetroLM checkpoint."""
+    """(model in eval mode on `device`, the datamodule hparams saved with it or {}) from a RetroLM checkpoint, read
+    once and weights-only (`retro_lit.lit.load_checkpoint_dict`)."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise RetroError(f"no checkpoint at {path}")
-    lm = RetroLM.load_from_checkpoint(path, map_location=device)
-    raw = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return lm.model.eval().to(device), dict(raw.get("datamodule_hyper_parameters") or {})
+    checkpoint = load_checkpoint_dict(path)
+    model = retro_lm_from_checkpoint(checkpoint).model
+    return model.eval().to(device), dict(checkpoint.get("datamodule_hyper_parameters") or {})
 
 
 def precision_context(precision: str, device: torch.device):
