@@ -1,5 +1,6 @@
 import logging
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -180,6 +181,19 @@ def test_changed_corpus_is_refused(built, tiny_bert, tiny_corpus):
     root, _ = built
     with pytest.raises(RetroError, match="built with corpus"):
         build(root, tiny_corpus("other.txt", seed=1), tiny_bert)
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[: len(text) // 2], lambda text: "[]", lambda text: "\xff"])
+def test_a_damaged_manifest_is_one_error_line_naming_it(built, tmp_path, capsys, damage):
+    root, corpus = built
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    (copy / "manifest.json").write_text(damage((copy / "manifest.json").read_text()), encoding="latin-1")
+    before = snapshot(copy)
+    assert main(["build-db", "--corpus", str(corpus), "--workspace", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {copy / 'manifest.json'}") and err.count("\n") == 1
+    assert snapshot(copy) == before
 
 
 @pytest.mark.parametrize(

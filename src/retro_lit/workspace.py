@@ -62,11 +62,19 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 
 
 def read_manifest(root: str | Path) -> dict | None:
+    """The workspace's manifest, None when it has none; a damaged one (cut short, not JSON) is a RetroError."""
     path = Path(root) / MANIFEST
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RetroError(f"{path} is damaged ({e}); restore it from a copy, or build into an empty --workspace") \
+            from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise RetroError(f"{path} is not a retro_lit manifest; restore it, or build into an empty --workspace")
+    return manifest
 
 
 def write_manifest(root: str | Path, manifest: dict) -> Path:
