@@ -28,8 +28,8 @@ from retro_lit.embeddings import embed_chunks
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, neighbors_key, open_workspace, read_manifest,
-                                 write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, neighbors_key, open_workspace,
+                                 read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,7 @@ def start_manifest(root: Path, settings: dict) -> dict:
             raise RetroError(
                 f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"
             )
-        for key, value in settings.items():
-            old = manifest["settings"].get(key)
-            if old != value:
-                raise RetroError(
-                    f"workspace {root} was built with {key}={old!r}, not {value!r}; "
-                    "use another --workspace or the same setting"
-                )
+        check_settings(root, manifest["settings"], settings)
         return manifest
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 _TOKENIZE_BATCH_CHARS = 4 << 20
 CHUNK_FILES = ("chunks.npy", "chunk_doc.npy", "doc_offsets.npy", "documents.jsonl", "tokenizer.json")
+_COPY_ROWS = 1 << 20  # chunks copied at a time when a database grows
 
 
 def chunk_corpus(
@@ -56,39 +57,18 @@ def chunk_corpus(
         lm_tokenizer = load_tokenizer(tokenizer)
     dtype = np.uint16 if lm_tokenizer.vocab_size <= 1 << 16 else np.uint32
     tmp_tokens = root / "tokens.bin.tmp"
-    n_tokens = _tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
+    n_tokens = tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
     if n_tokens.sum() < chunk_len:
         tmp_tokens.unlink()
         raise RetroError(f"the corpus has {n_tokens.sum()} tokens, shorter than one chunk ({chunk_len})")
 
     kept = np.flatnonzero(~drop)
     order = kept[np.argsort(labels[kept], kind="stable")]  # train docs, then val, then test; corpus order inside
-    doc_chunks = -(-n_tokens[order] // chunk_len)  # (n_docs,) chunks of each doc, chunk order
-    doc_offsets = np.concatenate([[0], np.cumsum(doc_chunks)]).astype(np.int64)  # (n_docs + 1,)
-    n_chunks = int(doc_offsets[-1])
-    with contextlib.ExitStack() as files:  # every file replaces its name only once all of them are written
-        tmp = {name: files.enter_context(atomic_save(root / name)) for name in CHUNK_FILES}
-        tokens = np.memmap(tmp_tokens, dtype=dtype, mode="r")  # (total_tokens,) corpus order
-        chunks = np.lib.format.open_memmap(tmp["chunks.npy"], "w+", dtype, (n_chunks, chunk_len))
-        chunk_doc = np.lib.format.open_memmap(tmp["chunk_doc.npy"], "w+", np.int32, (n_chunks,))
-        flat = chunks.reshape(-1)  # (n_chunks * M,)
-        starts = np.concatenate([[0], np.cumsum(n_tokens)])  # first token of each doc, corpus order
-        for doc, src in enumerate(order):
-            a, b = doc_offsets[doc], doc_offsets[doc + 1]
-            n = n_tokens[src]
-            flat[a * chunk_len : a * chunk_len + n] = tokens[starts[src] : starts[src] + n]
-            flat[a * chunk_len + n : b * chunk_len] = lm_tokenizer.pad_id
-            chunk_doc[a:b] = doc
-        chunks.flush(), chunk_doc.flush()
-        del tokens, chunks, chunk_doc, flat
-        with open(tmp["doc_offsets.npy"], "wb") as f:
-            np.save(f, doc_offsets)
-        with open(tmp["documents.jsonl"], "w", encoding="utf-8") as f:
-            for doc, src in enumerate(order):
-                row = {"doc": doc, "name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        lm_tokenizer.save(tmp["tokenizer.json"])
+    rows = [{"name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])} for src in order]
+    paths, doc_offsets = write_chunk_files(root, tmp_tokens, n_tokens, order, rows, chunk_len=chunk_len,
+                                           dtype=dtype, pad_id=lm_tokenizer.pad_id, tokenizer=lm_tokenizer)
     tmp_tokens.unlink()
+    n_chunks = int(doc_offsets[-1])
 
     split_docs = np.bincount(labels[kept], minlength=3)
     first_doc = np.concatenate([[0], np.cumsum(split_docs)])
@@ -106,13 +86,77 @@ def chunk_corpus(
         "dtype": np.dtype(dtype).name,
         "split_documents": {name: int(n) for name, n in zip(SPLITS, split_docs)},
     }
-    return [root / name for name in CHUNK_FILES], {
+    return paths, {
         "splits": splits,
         "counts": counts,
     }
 
 
-def _tokenize_to_file(
+def write_chunk_files(
+    root: Path,
+    tokens_path: Path,
+    n_tokens: np.ndarray,
+    order: np.ndarray,
+    rows: list[dict],
+    *,
+    chunk_len: int,
+    dtype,
+    pad_id: int,
+    keep: tuple[int, int] = (0, 0),
+    tokenizer: LMTokenizer | None = None,
+) -> tuple[list[Path], np.ndarray]:
+    """Lay documents out as chunks: write `chunks.npy`, `chunk_doc.npy`, `doc_offsets.npy`, `documents.jsonl`
+    (and `tokenizer.json` when `tokenizer` is given); each file replaces its name only once all are written.
+
+    The documents are `order`, indices into the flat token file `tokens_path` whose documents hold `n_tokens`
+    (n_docs,) tokens each, with their `documents.jsonl` fields but "doc" in `rows`. They come after the first
+    `keep` = (chunks, documents) of the workspace's present files, copied as they are (a growing database),
+    so document j gets id keep[1] + j. Returns (paths, doc_offsets (keep[1] + len(order) + 1,) int64).
+    """
+    n_keep, d_keep = keep
+    doc_chunks = -(-n_tokens[order] // chunk_len)  # (n_new,) chunks of each new doc
+    new_offsets = n_keep + np.cumsum(doc_chunks)
+    old_offsets = np.load(root / "doc_offsets.npy")[: d_keep + 1] if d_keep else np.zeros(1, np.int64)
+    doc_offsets = np.concatenate([old_offsets, new_offsets]).astype(np.int64)  # (n_docs + 1,)
+    n_chunks = int(doc_offsets[-1])
+    names = CHUNK_FILES if tokenizer is not None else CHUNK_FILES[:-1]
+    with contextlib.ExitStack() as files:
+        tmp = {name: files.enter_context(atomic_save(root / name)) for name in names}
+        tokens = np.memmap(tokens_path, dtype=dtype, mode="r")  # (total_tokens,) token-file order
+        chunks = np.lib.format.open_memmap(tmp["chunks.npy"], "w+", dtype, (n_chunks, chunk_len))
+        chunk_doc = np.lib.format.open_memmap(tmp["chunk_doc.npy"], "w+", np.int32, (n_chunks,))
+        if n_keep:
+            old_chunks = np.load(root / "chunks.npy", mmap_mode="r")  # (>= n_keep, M)
+            old_doc = np.load(root / "chunk_doc.npy", mmap_mode="r")  # (>= n_keep,)
+            for a in range(0, n_keep, _COPY_ROWS):
+                b = min(a + _COPY_ROWS, n_keep)
+                chunks[a:b], chunk_doc[a:b] = old_chunks[a:b], old_doc[a:b]
+            del old_chunks, old_doc
+        flat = chunks.reshape(-1)  # (n_chunks * M,)
+        starts = np.concatenate([[0], np.cumsum(n_tokens)])  # first token of each doc, token-file order
+        for j, src in enumerate(order):
+            doc = d_keep + j
+            a, b = doc_offsets[doc], doc_offsets[doc + 1]
+            n = n_tokens[src]
+            flat[a * chunk_len : a * chunk_len + n] = tokens[starts[src] : starts[src] + n]
+            flat[a * chunk_len + n : b * chunk_len] = pad_id
+            chunk_doc[a:b] = doc
+        chunks.flush(), chunk_doc.flush()
+        del tokens, chunks, chunk_doc, flat
+        with open(tmp["doc_offsets.npy"], "wb") as f:
+            np.save(f, doc_offsets)
+        with open(tmp["documents.jsonl"], "wb") as f:
+            if d_keep:
+                with open(root / "documents.jsonl", "rb") as old:
+                    f.writelines(line for line, _ in zip(old, range(d_keep)))
+            for j, row in enumerate(rows):
+                f.write((json.dumps({"doc": d_keep + j, **row}, ensure_ascii=False) + "\n").encode("utf-8"))
+        if tokenizer is not None:
+            tokenizer.save(tmp["tokenizer.json"])
+    return [root / name for name in names], doc_offsets
+
+
+def tokenize_to_file(
     corpus, tokenizer: LMTokenizer, path: Path, dtype, drop: np.ndarray, quiet: bool
 ) -> np.ndarray:
     """Append every kept document's tokens to a flat file; returns (n_docs,) token counts, corpus order
