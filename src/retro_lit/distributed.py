@@ -325,6 +325,7 @@ def _search_neighbors(group: _Group, ws_root: Path, kw: dict, device: str, fault
                 "queries_per_s": round(n_queries / max(seconds, 1e-9), 1),
                 "seconds": round(seconds, 3),
                 "world_size": group.world,
+                "additions": len(ws.additions),
             },
         )
         for p in sorted((paths[0].parent / "parts").glob("*.npy")):
