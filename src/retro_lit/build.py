@@ -196,7 +196,8 @@ def start_manifest(root: Path, settings: dict) -> dict:
 def build_summary(
     workspace: str | Path, num_neighbors: int | None = None, seq_len: int | None = None
 ) -> dict:
-    """Docs, chunks, tokens, embedding chunks/s, index type, recall@k, time per stage, size on disk."""
+    """Docs, chunks, tokens, embedding chunks/s, index type, recall@k, time per stage, size on disk, and the
+    documents and chunks added since the build."""
     root = Path(workspace)
     manifest = read_manifest(root)
     stages = manifest["stages"]
@@ -212,6 +213,11 @@ def build_summary(
         "seconds": {name: info["seconds"] for name, info in stages.items()},
         "size_mb": round(sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20, 1),
     }
+    added = [entry for entry in manifest.get("additions", []) if entry["done"]]  # retro_lit.additions
+    if added:
+        summary["added_documents"] = sum(entry["documents"] for entry in added)
+        summary["added_chunks"] = sum(entry["chunks"] for entry in added)
+        summary[f"recall@{stages['index']['k']}"] = added[-1]["stages"]["index"]["recall"]  # over the grown database
     key = neighbors_key(num_neighbors, seq_len)
     if key in stages:
         summary["neighbor_queries_per_s"] = stages[key]["queries_per_s"]
