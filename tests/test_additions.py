@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_database import K, M, T, WORDS, build, make_corpus, snapshot, tiny_bert
 
-from retro_lit.additions import add_documents
+from retro_lit.additions import add_documents, add_documents_command
+from retro_lit.build import build_summary
 from retro_lit.generate import format_retrieval
 from retro_lit.index import RetroIndex, index_files, load_index
 from retro_lit.neighbors import excluded_ranges
@@ -26,16 +27,20 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return tiny_bert()
+def workspace_and_embedder(tmp_path_factory):
+    """A Flat workspace (blocks of 64 chunks, the last one short), a corpus of new documents for it, its embedder."""
+    tmp, embedder = tmp_path_factory.mktemp("grow"), tiny_bert()
+    return build(tmp / "ws", make_corpus(tmp / "corpus.txt"), embedder), make_corpus(tmp / "new.txt", 12, 5), embedder
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, embedder):
-    """A Flat workspace (blocks of 64 chunks, the last one short) and a corpus of new documents for it."""
-    tmp = tmp_path_factory.mktemp("grow")
-    root = build(tmp / "ws", make_corpus(tmp / "corpus.txt"), embedder)
-    return root, make_corpus(tmp / "new.txt", n_docs=12, seed=5)
+@pytest.fixture
+def built(workspace_and_embedder):
+    return workspace_and_embedder[:2]  # (workspace, new documents)
+
+
+@pytest.fixture
+def embedder(workspace_and_embedder):
+    return workspace_and_embedder[2]
 
 
 def grown(tmp_path, built, embedder, **kw):
@@ -84,6 +89,18 @@ def test_added_documents_round_trip_and_are_named_as_added(tmp_path, built, embe
     found = RetroIndex(ws.root, M, bert=embedder).search(torch.from_numpy(ws.chunks[[entry["range"][0]]].astype(np.int64)))
     report = format_retrieval(0, torch.zeros(1, M, dtype=torch.long), found, workspace_tokenizer(ws), M)
     assert "(added: new.txt)" in report
+
+
+def test_a_retro_index_made_before_an_addition_searches_the_grown_database(tmp_path, built, embedder):
+    root, new = built
+    copy = tmp_path / "ws"
+    shutil.copytree(root, copy)
+    index = RetroIndex(copy, M, bert=embedder)
+    lm_tokenizer = workspace_tokenizer(open_workspace(copy))
+    query = lm_tokenizer.decode(lm_tokenizer.encode(new.read_text(encoding="utf-8").split("\n\n\n")[0])[:M])
+    assert index.search([query], k=2).doc_sources == [["train", "train"]]
+    add_documents(copy, new, embedder=embedder)
+    assert index.search([query], k=2).doc_sources[0][0] == "new.txt"
 
 
 def test_an_addition_leaves_training_data_and_old_keys_as_they_were(tmp_path, built, embedder):
@@ -137,15 +154,20 @@ def test_refused_additions_leave_the_workspace_byte_identical(tmp_path, built, e
         (dict(corpus=new), "was added to workspace .* already, as 'new.txt'"),
         (dict(corpus=tmp_path / "ws" / ".." / "whole.txt"), "corpus not found"),
         (dict(corpus=built[0].parent / "corpus.txt"), "is the corpus workspace .* was built from"),
-        (dict(corpus=other, chunk_len=M * 2), "built with chunk_len=8, not 16"),
-        (dict(corpus=other, tokenizer="bytes"), "built with tokenizer='bpe:300', not 'bytes'"),
         (dict(corpus=other, embedder=tiny_bert("other-bert")), "built with embedder='tiny-bert', not 'other-bert'"),
-        (dict(corpus=other, embedder="other-bert"), "built with embedder='tiny-bert', not 'other-bert'"),
         (dict(corpus=other, name="new.txt"), "has an addition named 'new.txt' already"),
     ]
     for kw, message in cases:
         with pytest.raises(RetroError, match=message):
             add_documents(root, **{"embedder": embedder} | kw)
+        assert snapshot(root) == before, kw
+    for kw, message in [  # the command's flags, checked before its embedder loads
+        (dict(chunk_len=M * 2), "built with chunk_len=8, not 16"),
+        (dict(tokenizer="bytes"), "built with tokenizer='bpe:300', not 'bytes'"),
+        (dict(embedder="other-bert"), "built with embedder='tiny-bert', not 'other-bert'"),
+    ]:
+        with pytest.raises(RetroError, match=message):
+            add_documents_command(str(root), str(other), **kw)
         assert snapshot(root) == before, kw
     unbuilt = build(tmp_path / "unbuilt", built[0].parent / "corpus.txt", embedder, until="embeddings")
     before = snapshot(unbuilt)
@@ -179,6 +201,8 @@ def test_two_additions_and_a_recompute_of_the_neighbors(tmp_path, built, embedde
     ws = open_workspace(root)
     ranges = ws.database_ranges()
     assert len(ranges) == 3 and ranges[1][1] == ranges[2][0] == ws.additions[1]["first_chunk"]
+    summary = build_summary(root, K, T)
+    assert summary["added_documents"] == 12 + 5 and summary["added_chunks"] == len(ws.chunks) - ranges[1][0]
     info = ws.manifest["stages"][f"neighbors/k{K}_t{T}"]
     assert info["additions"] == 2 and ws.additions[1]["stages"]["neighbors"]["sets"] == [f"neighbors/k{K}_t{T}"]
     keys = np.concatenate([ws.embeddings(a, b) for a, b in ranges])  # (N, E)

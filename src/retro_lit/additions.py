@@ -37,6 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -91,11 +92,15 @@ def _pending_entry(root: Path, manifest: dict, corpus, fingerprint: str, name: s
 
 # ----------------------------------------------------------------------------- the steps
 
+@dataclass
 class _Addition:
     """What the steps of one addition read: where, from what, with which embedder."""
 
-    def __init__(self, root: Path, corpus, embedder: BERTForChunkEmbeddings, quiet: bool, on_block):
-        self.root, self.corpus, self.embedder, self.quiet, self.on_block = root, corpus, embedder, quiet, on_block
+    root: Path
+    corpus: str | Path
+    embedder: BERTForChunkEmbeddings
+    quiet: bool
+    on_block: Callable[[Path], None] | None
 
 
 def _add_chunks(job: _Addition, manifest: dict, entry: dict) -> dict:
@@ -164,7 +169,7 @@ def _recompute_neighbors(job: _Addition, manifest: dict, entry: dict) -> dict:
     """Search every precomputed neighbour set (neighbors/k*_t*) again over the grown database."""
     ws = open_workspace(job.root)  # this addition's index step is recorded: its chunks are in the database
     nprobe = manifest["stages"]["index"].get("nprobe")
-    keys = sorted(key for key in manifest["stages"] if key.startswith("neighbors/"))
+    keys = sorted(key for key, info in manifest["stages"].items() if key.startswith("neighbors/") and info.get("done"))
     for key in keys:
         info = manifest["stages"][key]
         start = time.perf_counter()
@@ -181,19 +186,14 @@ ADDITION_STEPS: tuple[tuple[str, Callable[[_Addition, dict, dict], dict]], ...] 
 )
 
 
-
 # ----------------------------------------------------------------------------- the addition
 
 def add_documents(
     workspace: str | Path,
     corpus: str | Path,
+    embedder: BERTForChunkEmbeddings | None = None,
     *,
     name: str | None = None,
-    embedder: BERTForChunkEmbeddings | str | None = None,
-    chunk_len: int | None = None,
-    tokenizer: str | None = None,
-    device: str = "auto",
-    batch_size: int = 128,
     recompute_neighbors: bool = False,
     quiet: bool = True,
     on_block: Callable[[Path], None] | None = None,
@@ -201,9 +201,8 @@ def add_documents(
 ) -> Path:
     """Add the documents of `corpus` (any source `retro_lit.corpus` reads) to a built workspace; returns its path.
 
+    embedder: the workspace's embedder (refused when it has another name); None loads it, on CUDA when present.
     name: the addition's name in the manifest and in `--show_retrieval` (default: the corpus's file name).
-    embedder, chunk_len, tokenizer: None takes the workspace's own; any other value than the workspace was
-        built with is refused, naming the setting. `embedder` may be a `BERTForChunkEmbeddings` or a model name.
     recompute_neighbors: search the precomputed neighbours of every split again, over the grown database
         (training sequences would then retrieve the added documents too).
     on_block(path) after each embedding block is written, on_step(step) after a step's files are in place
@@ -213,31 +212,27 @@ def add_documents(
     root = Path(workspace)
     manifest = _built_manifest(root)
     settings = manifest["settings"]
-    wanted = {"chunk_len": chunk_len, "tokenizer": tokenizer,
-              "embedder": embedder.name if isinstance(embedder, BERTForChunkEmbeddings) else embedder}
-    check_settings(root, settings, {key: value for key, value in wanted.items() if value is not None})
+    if embedder is not None:
+        check_settings(root, settings, {"embedder": embedder.name})
     fingerprint = corpus_fingerprint(corpus)  # (a missing corpus fails here)
     entry = _pending_entry(root, manifest, corpus, fingerprint, name or Path(str(corpus)).name)
-    if not isinstance(embedder, BERTForChunkEmbeddings):
-        embedder = BERTForChunkEmbeddings(settings["embedder"], device, batch_size=batch_size)
+    embedder = embedder or BERTForChunkEmbeddings(settings["embedder"], "auto")
     if embedder.dim != int(manifest["stages"]["embeddings"]["dim"]):
         raise RetroError(f"workspace {root} has keys of width {manifest['stages']['embeddings']['dim']}, "
                          f"not {embedder.dim}: use the embedder it was built with")
     entry["recompute_neighbors"] = bool(entry.get("recompute_neighbors") or recompute_neighbors)
-    start = time.perf_counter()
+    job, start = _Addition(root, corpus, embedder, quiet, on_block), time.perf_counter()
     for step, run in ADDITION_STEPS:
-        if step == "neighbors" and not entry["recompute_neighbors"]:
+        if entry["stages"].get(step, {}).get("done") or (step == "neighbors" and not entry["recompute_neighbors"]):
             continue
-        if not entry["stages"].get(step, {}).get("done"):
-            step_start = time.perf_counter()
-            info = run(_Addition(root, corpus, embedder, quiet, on_block), manifest, entry)
-            if on_step is not None:
-                on_step(step)
-            entry["stages"][step] = {**info, "done": True, "seconds": round(time.perf_counter() - step_start, 3)}
-            write_manifest(root, manifest)
-    if not entry["done"]:
-        entry.update(done=True, seconds=round(time.perf_counter() - start, 3))
+        step_start = time.perf_counter()
+        info = run(job, manifest, entry)
+        if on_step is not None:
+            on_step(step)
+        entry["stages"][step] = {**info, "done": True, "seconds": round(time.perf_counter() - step_start, 3)}
         write_manifest(root, manifest)
+    entry.update(done=True, seconds=round(time.perf_counter() - start, 3))
+    write_manifest(root, manifest)
     log.info("%s", format_addition(entry))
     return root
 
@@ -281,8 +276,12 @@ def add_documents_command(
             corpus is missing, unreadable, already added or the one the workspace was built from; the name is
             taken; another addition is unfinished. The workspace is left as it was.
     """
-    add_documents(workspace, corpus, name=name, embedder=embedder, chunk_len=chunk_len, tokenizer=tokenizer,
-                  device=device, batch_size=batch_size, recompute_neighbors=recompute_neighbors, quiet=quiet)
+    root = Path(workspace)
+    settings = _built_manifest(root)["settings"]
+    wanted = {"embedder": embedder, "chunk_len": chunk_len, "tokenizer": tokenizer}
+    check_settings(root, settings, {key: value for key, value in wanted.items() if value is not None})
+    bert = BERTForChunkEmbeddings(settings["embedder"], device, batch_size=batch_size)
+    add_documents(root, corpus, bert, name=name, recompute_neighbors=recompute_neighbors, quiet=quiet)
 
 
 def format_addition(entry: dict) -> str:

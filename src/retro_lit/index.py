@@ -253,7 +253,13 @@ def add_keys(ws: Workspace, index: faiss.Index, start: int, end: int) -> faiss.I
 
 
 def measure_recall(
-    ws: Workspace, index: faiss.Index, ranges: Sequence[tuple[int, int]], *, k: int, nprobe: int | None, seed: int
+    ws: Workspace,
+    index: faiss.Index,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    k: int,
+    nprobe: int | None,
+    seed: int | Sequence[int],
 ) -> float:
     """recall@k of an index holding the chunk `ranges`, at its `nprobe` (not re-tuned), measured as `build_index`
     measures it: against exact search, on a seeded sample of every chunk of the workspace."""
@@ -375,8 +381,8 @@ class RetroIndex:
         )
         docs = np.where(ids >= 0, ws.chunk_doc[np.maximum(ids, 0)], -1).astype(np.int64)  # (Q, K)
         rows = [[ws.documents[d] if d >= 0 else None for d in row] for row in docs.tolist()]
-        names = [[r and r["name"] for r in row] for row in rows]
-        sources = [[r and r.get("addition", r["split"]) for r in row] for row in rows]
+        names = [[r["name"] if r else None for r in row] for row in rows]
+        sources = [[r.get("addition", r["split"]) if r else None for r in row] for row in rows]
         return Retrieved(ids, dist, ws.neighbor_tokens(ids), docs, names, sources)
 
     def _open(self):
