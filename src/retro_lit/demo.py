@@ -7,23 +7,30 @@
    retrieval for the same steps (what `configs/baseline.yaml` holds), with the Lightning Trainer (`retro-lit fit`);
 3. evaluate bits-per-byte on the held-out test files (`retro-lit evaluate`): retrieval ON, OFF, random train
    chunks as neighbours (the control), the baseline, and bpb split by the chunks' overlap with their neighbours;
-4. generate a sample with live retrieval, printing the neighbour chunks it retrieved (`retro-lit generate`).
+4. knowledge update without retraining: the same model and test files, retrieving from copies of the database to
+   which the test files themselves, or lightly edited copies of them, were added (`retro_lit.additions`);
+5. generate a sample with live retrieval, printing the neighbour chunks it retrieved (`retro-lit generate`).
 
 A second run reuses the database and, unless `--retrain`, the checkpoints. Code is redundant across files
 (codecs, idioms, licence blocks): docs/retrieval.md says why this corpus and not Shakespeare.
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
+
+from retro_lit.evaluate import ALPHAS, leakage_demonstration, leakage_table
+from retro_lit.generate import load_checkpoint, precision_context, resolve_device
 
 log = logging.getLogger(__name__)
 
 PROMPT = 'import json\n\n\ndef load(path):\n    """Read a JSON file."""\n'
 BASELINE = ["--model.config.cca_layers=[]", "--model.retrieval=false", "--model.eval_retrieval=off"]
 COPY_RUN = 8  # the paper's leakage threshold, alpha = 0.125 at M = 64: a chunk sharing > 8 tokens with a neighbour
+KNOWLEDGE_TOKENS = 16384  # test tokens of the knowledge update: its three databases cost three evaluations
 
 
 def demo_parser() -> argparse.ArgumentParser:
@@ -100,6 +107,8 @@ def run_demo(args) -> int:
     eval_args += ["--max_tokens", str(args.eval_tokens)] if args.eval_tokens else []
     eval_args += ["--baseline_ckpt", str(baseline)] if baseline else []
     result, written = run_evaluation(evaluate_parser().parse_args(eval_args))
+    stage("knowledge update: the test files, then edited copies of them, added to copies of the database")
+    update = knowledge_update(ckpt, workspace, run_dir, args.eval_tokens, alpha)
 
     stage("generating with live retrieval")
     status = generate_main(["--ckpt_path", str(ckpt), "--workspace", str(workspace), "--prompt", args.prompt,
@@ -108,9 +117,25 @@ def run_demo(args) -> int:
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))
+    print("\nknowledge update (no retraining): the test files from the database as built, with themselves added "
+          "(the leakage case), with edited copies added\n" + update)
     print(f"\nworkspace:   {workspace}\ncheckpoint:  {ckpt}\nlogs:        {run_dir}  (metrics.csv under lightning_logs/)"
           f"\nevaluation:  {', '.join(str(p) for p in written)}")
     return status
+
+
+def knowledge_update(ckpt: Path, workspace: Path, run_dir: Path, eval_tokens: int, alpha: float) -> str:
+    """`leakage_demonstration` with the demo's model (k = 2, bf16) on the first KNOWLEDGE_TOKENS test tokens (or
+    `eval_tokens`): the grown copies of the database go under run_dir/knowledge-update, the figures to
+    run_dir/knowledge_update.json; returns the table."""
+    device = resolve_device("auto")
+    model, data_hparams = load_checkpoint(ckpt, device)
+    with precision_context("bf16", device):
+        result = leakage_demonstration(workspace, model, run_dir / "knowledge-update", seq_len=int(data_hparams["seq_len"]),
+                                       k=2, device=str(device), max_tokens=eval_tokens or KNOWLEDGE_TOKENS,
+                                       alphas=sorted({alpha, *ALPHAS}))
+    (run_dir / "knowledge_update.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    return leakage_table(result, alpha)
 
 
 def retrieval_summary(result: dict, alpha: float) -> str:
