@@ -83,10 +83,11 @@ def report(r: dict) -> str:
     steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
     return f"""## add_docs
 
-`python benchmarks/add_docs.py --threads {r["threads"]} --base {r["base"]} --add {r["add"]}` — {datetime.date.today()},
-{platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only,
-torch {torch.__version__} with {r["threads"]} threads, all-MiniLM-L6-v2 (bf16 autocast), M = {r["chunk_len"]}, Flat index.
-The addition: {r["documents"]} documents, {r["tokens"]:,} tokens, {r["chunks"]:,} chunks, {r["addition_seconds"]:.1f} s ({steps}).
+`python benchmarks/add_docs.py --threads {r["threads"]} --base {r["base"]} --add {r["add"]}` —
+{datetime.date.today()}, {platform.node()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU
+only, torch {torch.__version__} with {r["threads"]} threads, all-MiniLM-L6-v2 (bf16 autocast), M = {r["chunk_len"]},
+Flat index. The addition: {r["documents"]} documents, {r["tokens"]:,} tokens, {r["chunks"]:,} chunks,
+{r["addition_seconds"]:.1f} s ({steps}).
 
 | figure | chunks/s |
 |---|---|

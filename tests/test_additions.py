@@ -86,7 +86,8 @@ def test_added_documents_round_trip_and_are_named_as_added(tmp_path, built, embe
         assert doc["split"] == "added" and doc["addition"] == "new.txt"
         rows = ws.chunks[ws.doc_offsets[doc["doc"]]:ws.doc_offsets[doc["doc"] + 1]].reshape(-1)
         assert workspace_tokenizer(ws).decode(rows[: doc["n_tokens"]]).strip() == text.strip()
-    found = RetroIndex(ws.root, M, bert=embedder).search(torch.from_numpy(ws.chunks[[entry["range"][0]]].astype(np.int64)))
+    first_added = torch.from_numpy(ws.chunks[[entry["range"][0]]].astype(np.int64))  # (1, M)
+    found = RetroIndex(ws.root, M, bert=embedder).search(first_added)
     report = format_retrieval(0, torch.zeros(1, M, dtype=torch.long), found, workspace_tokenizer(ws), M)
     assert "(added: new.txt)" in report
 

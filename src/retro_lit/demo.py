@@ -131,9 +131,9 @@ def knowledge_update(ckpt: Path, workspace: Path, run_dir: Path, eval_tokens: in
     device = resolve_device("auto")
     model, data_hparams = load_checkpoint(ckpt, device)
     with precision_context("bf16", device):
-        result = leakage_demonstration(workspace, model, run_dir / "knowledge-update", seq_len=int(data_hparams["seq_len"]),
-                                       k=2, device=str(device), max_tokens=eval_tokens or KNOWLEDGE_TOKENS,
-                                       alphas=sorted({alpha, *ALPHAS}))
+        result = leakage_demonstration(workspace, model, run_dir / "knowledge-update",
+                                       seq_len=int(data_hparams["seq_len"]), k=2, device=str(device),
+                                       max_tokens=eval_tokens or KNOWLEDGE_TOKENS, alphas=sorted({alpha, *ALPHAS}))
     (run_dir / "knowledge_update.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     return leakage_table(result, alpha)
 

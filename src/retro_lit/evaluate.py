@@ -518,16 +518,17 @@ def leakage_demonstration(workspace: str | Path, model: nn.Module, scratch: str 
     rng = np.random.default_rng(seed)
     texts = {doc.name: lm_tokenizer.decode(doc.tokens.tolist()) for doc in documents}
     added = {"test documents": {f"copy of {name}": text for name, text in texts.items()},
-             "edited copies": {f"edited copy of {name}": edited_copy(text, edit_rate, rng) for name, text in texts.items()}}
+             "edited copies": {f"edited copy of {name}": edited_copy(text, edit_rate, rng)
+                               for name, text in texts.items()}}
     databases = {"original": Path(workspace)}
     for name, docs in added.items():
         folder = Path(scratch) / name.replace(" ", "-")
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(workspace, folder / "workspace")
-        with open(folder / "documents.jsonl", "w", encoding="utf-8") as f:
+        corpus = folder / "documents.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"name": doc, "text": text}, ensure_ascii=False) + "\n" for doc, text in docs.items())
-        databases[name] = add_documents(folder / "workspace", folder / "documents.jsonl", name=name, embedder=embedder,
-                                        quiet=quiet)
+        databases[name] = add_documents(folder / "workspace", corpus, embedder, name=name, quiet=quiet)
     scorers = {"on": Scorer(model, k), "off": Scorer(model, None)}
     results = {}
     for name, root in databases.items():
