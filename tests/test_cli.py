@@ -96,7 +96,7 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", *COMMANDS):
         assert f"    {command} " in out
-    assert set(COMMANDS) == {"build-db", "generate", "evaluate", "diagnose", "demo"}
+    assert set(COMMANDS) == {"build-db", "add-docs", "generate", "evaluate", "diagnose", "demo"}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
@@ -104,7 +104,8 @@ def test_every_command_has_help_and_prints_its_config(command, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0 and "--config CONFIG" in capsys.readouterr().out
-    required = {"build-db": ["--corpus", "c", "--workspace", "w"], "generate": ["--ckpt_path", "x", "--workspace", "w",
+    required = {"build-db": ["--corpus", "c", "--workspace", "w"], "add-docs": ["--corpus", "c", "--workspace", "w"],
+                "generate": ["--ckpt_path", "x", "--workspace", "w",
                 "--prompt", "p"], "evaluate": ["--ckpt_path", "x", "--workspace", "w"], "diagnose": ["--workspace", "w"]}
     with pytest.raises(SystemExit):
         main([command, *required.get(command, []), "--print_config"])

@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, tiny_corpus, cap
     assert (tmp_path / "run-baseline" / "checkpoints" / "last.ckpt").exists()  # the same config without CCA
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert list((tmp_path / "run").glob("eval_test*.png"))
+    assert "| test documents |" in out and "| edited copies |" in out  # the knowledge update, on copies of the db
+    assert (tmp_path / "run" / "knowledge_update.json").exists()
     manifest = tmp_path / "ws" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert main(["demo", *argv]) == 0

@@ -28,8 +28,8 @@ from retro_lit.embeddings import embed_chunks
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, neighbors_key, open_workspace, read_manifest,
-                                 write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, neighbors_key, open_workspace,
+                                 read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,7 @@ def start_manifest(root: Path, settings: dict) -> dict:
             raise RetroError(
                 f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"
             )
-        for key, value in settings.items():
-            old = manifest["settings"].get(key)
-            if old != value:
-                raise RetroError(
-                    f"workspace {root} was built with {key}={old!r}, not {value!r}; "
-                    "use another --workspace or the same setting"
-                )
+        check_settings(root, manifest["settings"], settings)
         return manifest
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -202,7 +196,8 @@ def start_manifest(root: Path, settings: dict) -> dict:
 def build_summary(
     workspace: str | Path, num_neighbors: int | None = None, seq_len: int | None = None
 ) -> dict:
-    """Docs, chunks, tokens, embedding chunks/s, index type, recall@k, time per stage, size on disk."""
+    """Docs, chunks, tokens, embedding chunks/s, index type, recall@k, time per stage, size on disk, and the
+    documents and chunks added since the build."""
     root = Path(workspace)
     manifest = read_manifest(root)
     stages = manifest["stages"]
@@ -218,6 +213,11 @@ def build_summary(
         "seconds": {name: info["seconds"] for name, info in stages.items()},
         "size_mb": round(sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) / 2**20, 1),
     }
+    added = [entry for entry in manifest.get("additions", []) if entry["done"]]  # retro_lit.additions
+    if added:
+        summary["added_documents"] = sum(entry["documents"] for entry in added)
+        summary["added_chunks"] = sum(entry["chunks"] for entry in added)
+        summary[f"recall@{stages['index']['k']}"] = added[-1]["stages"]["index"]["recall"]  # over the grown database
     key = neighbors_key(num_neighbors, seq_len)
     if key in stages:
         summary["neighbor_queries_per_s"] = stages[key]["queries_per_s"]

@@ -76,28 +76,18 @@ def chunk_corpus(
         lm_tokenizer = load_tokenizer(tokenizer)
     dtype = np.uint16 if lm_tokenizer.vocab_size <= 1 << 16 else np.uint32
     tmp_tokens = root / "tokens.bin.tmp"
-    n_tokens = _tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
+    n_tokens = tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
     if n_tokens.sum() < chunk_len:
         tmp_tokens.unlink()
         raise RetroError(f"the corpus has {n_tokens.sum()} tokens, shorter than one chunk ({chunk_len})")
 
     kept = np.flatnonzero(~drop)
     order = kept[np.argsort(labels[kept], kind="stable")]  # train docs, then val, then test; corpus order inside
-    doc_chunks = -(-n_tokens[order] // chunk_len)  # (n_docs,) chunks of each doc, chunk order
-    doc_offsets = np.concatenate([[0], np.cumsum(doc_chunks)]).astype(np.int64)  # (n_docs + 1,)
-    n_chunks = int(doc_offsets[-1])
-    with contextlib.ExitStack() as files:  # every file replaces its name only once all of them are written
-        tmp = {name: files.enter_context(atomic_save(root / name)) for name in CHUNK_FILES}
-        _write_chunks(tmp_tokens, tmp["chunks.npy"], tmp["chunk_doc.npy"], order, n_tokens, doc_offsets, chunk_len,
-                      lm_tokenizer.pad_id, dtype)
-        with open(tmp["doc_offsets.npy"], "wb") as f:
-            np.save(f, doc_offsets)
-        with open(tmp["documents.jsonl"], "w", encoding="utf-8") as f:
-            for doc, src in enumerate(order):
-                row = {"doc": doc, "name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        lm_tokenizer.save(tmp["tokenizer.json"])
+    rows = [{"name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])} for src in order]
+    paths, doc_offsets = write_chunk_files(root, tmp_tokens, n_tokens, order, rows, chunk_len=chunk_len,
+                                           dtype=dtype, pad_id=lm_tokenizer.pad_id, tokenizer=lm_tokenizer)
     tmp_tokens.unlink()
+    n_chunks = int(doc_offsets[-1])
 
     split_docs = np.bincount(labels[kept], minlength=3)
     first_doc = np.concatenate([[0], np.cumsum(split_docs)])
@@ -115,25 +105,74 @@ def chunk_corpus(
         "dtype": np.dtype(dtype).name,
         "split_documents": {name: int(n) for name, n in zip(SPLITS, split_docs)},
     }
-    return [root / name for name in CHUNK_FILES], {
+    return paths, {
         "splits": splits,
         "counts": counts,
     }
 
 
-def _write_chunks(tokens_path: Path, chunks_path: Path, chunk_doc_path: Path, order: np.ndarray, n_tokens: np.ndarray,
-                  doc_offsets: np.ndarray, chunk_len: int, pad_id: int, dtype) -> None:
-    """`chunks.npy` (n_chunks, M) and `chunk_doc.npy` (n_chunks,): the documents of `order` (chunk order) from the
-    flat token file (corpus order), each padded to whole chunks; written in order, `_COPY_ITEMS` at a time, with
-    plain reads and writes (a memmap keeps resident every page it touches: twice the tokens of the largest doc)."""
-    n_chunks, itemsize = int(doc_offsets[-1]), np.dtype(dtype).itemsize
+def write_chunk_files(
+    root: Path,
+    tokens_path: Path,
+    n_tokens: np.ndarray,
+    order: np.ndarray,
+    rows: list[dict],
+    *,
+    chunk_len: int,
+    dtype,
+    pad_id: int,
+    keep: tuple[int, int] = (0, 0),
+    tokenizer: LMTokenizer | None = None,
+) -> tuple[list[Path], np.ndarray]:
+    """Lay documents out as chunks: write `chunks.npy`, `chunk_doc.npy`, `doc_offsets.npy`, `documents.jsonl`
+    (and `tokenizer.json` when `tokenizer` is given); each file replaces its name only once all are written.
+
+    The documents are `order`, indices into the flat token file `tokens_path` whose documents hold `n_tokens`
+    (n_docs,) tokens each, with their `documents.jsonl` fields but "doc" in `rows`. They come after the first
+    `keep` = (chunks, documents) of the workspace's present files, copied as they are (a growing database),
+    so document j gets id keep[1] + j. Returns (paths, doc_offsets (keep[1] + len(order) + 1,) int64).
+    """
+    n_keep, d_keep = keep
+    doc_chunks = -(-n_tokens[order] // chunk_len)  # (n_new,) chunks of each new doc
+    old_offsets = np.load(root / "doc_offsets.npy")[: d_keep + 1] if d_keep else np.zeros(1, np.int64)
+    doc_offsets = np.concatenate([old_offsets, n_keep + np.cumsum(doc_chunks)]).astype(np.int64)  # (n_docs + 1,)
+    names = CHUNK_FILES if tokenizer is not None else CHUNK_FILES[:-1]
+    with contextlib.ExitStack() as files:
+        tmp = {name: files.enter_context(atomic_save(root / name)) for name in names}
+        _write_chunks(root, tokens_path, tmp["chunks.npy"], tmp["chunk_doc.npy"], order, n_tokens, doc_offsets,
+                      chunk_len, pad_id, dtype, keep)
+        with open(tmp["doc_offsets.npy"], "wb") as f:
+            np.save(f, doc_offsets)
+        with open(tmp["documents.jsonl"], "wb") as f:
+            if d_keep:
+                with open(root / "documents.jsonl", "rb") as old:
+                    f.writelines(line for line, _ in zip(old, range(d_keep)))
+            for j, row in enumerate(rows):
+                f.write((json.dumps({"doc": d_keep + j, **row}, ensure_ascii=False) + "\n").encode("utf-8"))
+        if tokenizer is not None:
+            tokenizer.save(tmp["tokenizer.json"])
+    return [root / name for name in names], doc_offsets
+
+
+def _write_chunks(root: Path, tokens_path: Path, chunks_path: Path, chunk_doc_path: Path, order: np.ndarray,
+                  n_tokens: np.ndarray, doc_offsets: np.ndarray, chunk_len: int, pad_id: int, dtype,
+                  keep: tuple[int, int]) -> None:
+    """`chunks.npy` (n_chunks, M) and `chunk_doc.npy` (n_chunks,): the first keep[0] rows of the present files, then
+    the documents of `order` (chunk order) from the flat token file (corpus order), each padded to whole chunks;
+    written in order, `_COPY_ITEMS` at a time, with plain reads and writes (a memmap keeps resident every page it
+    touches: twice the tokens of the largest doc)."""
+    (n_keep, d_keep), n_chunks, itemsize = keep, int(doc_offsets[-1]), np.dtype(dtype).itemsize
     # open_memmap writes the .npy header and sizes the file; the rows go after it
     chunks_at = np.lib.format.open_memmap(chunks_path, "w+", dtype, (n_chunks, chunk_len)).offset
     chunk_doc_at = np.lib.format.open_memmap(chunk_doc_path, "w+", np.int32, (n_chunks,)).offset
     starts = np.concatenate([[0], np.cumsum(n_tokens)])  # first token of each doc, corpus order
     with open(tokens_path, "rb") as tokens, open(chunks_path, "r+b") as chunks, open(chunk_doc_path, "r+b") as docs:
         chunks.seek(chunks_at), docs.seek(chunk_doc_at)
-        for doc, src in enumerate(order):
+        if n_keep:
+            _copy_rows(root / "chunks.npy", chunks, n_keep * chunk_len * itemsize)
+            _copy_rows(root / "chunk_doc.npy", docs, n_keep * np.dtype(np.int32).itemsize)
+        for j, src in enumerate(order):
+            doc = d_keep + j
             tokens.seek(int(starts[src]) * itemsize)
             for lo in range(0, n_tokens[src], _COPY_ITEMS):
                 chunks.write(tokens.read(min(_COPY_ITEMS, n_tokens[src] - lo) * itemsize))
@@ -143,7 +182,16 @@ def _write_chunks(tokens_path: Path, chunks_path: Path, chunk_doc_path: Path, or
                 docs.write(np.full(min(_COPY_ITEMS, n_doc_chunks - lo), doc, np.int32).tobytes())
 
 
-def _tokenize_to_file(
+def _copy_rows(source: Path, out, n_bytes: int) -> None:
+    """The first n_bytes of the .npy `source`'s data, appended to `out`."""
+    offset = np.load(source, mmap_mode="r").offset
+    with open(source, "rb") as f:
+        f.seek(offset)
+        for lo in range(0, n_bytes, _COPY_ITEMS):
+            out.write(f.read(min(_COPY_ITEMS, n_bytes - lo)))
+
+
+def tokenize_to_file(
     corpus, tokenizer: LMTokenizer, path: Path, dtype, drop: np.ndarray, quiet: bool
 ) -> np.ndarray:
     """Append every kept document's tokens to a flat file; returns (n_docs,) token counts, corpus order

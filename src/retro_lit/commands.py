@@ -2,6 +2,7 @@
 
     retro-lit --help                                       # every command
     retro-lit build-db --corpus python-stdlib:json --workspace ws --chunk_size 32
+    retro-lit add-docs --workspace ws --corpus new-docs/          # grow the database of a trained model
     retro-lit evaluate --config eval.yaml --print_config   # any command: --help, --config, --print_config
 
 Bad input, in a flag or a config or a file, is one `error: ...` line on stderr and exit status 2.
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 from unittest import mock
 
+from retro_lit.additions import add_documents_command
 from retro_lit.cli import RetroCLI, silence_upstream_notices
 from retro_lit.demo import demo
 from retro_lit.diagnose import diagnose_workspace, format_report
@@ -34,6 +36,7 @@ class Command(NamedTuple):
 
 COMMANDS = {
     "build-db": Command(build_db),
+    "add-docs": Command(add_documents_command),
     "generate": Command(generate_text),
     "evaluate": Command(evaluate_checkpoint, evaluation_report),
     "diagnose": Command(diagnose_workspace, format_report),

@@ -7,19 +7,23 @@
    retrieval for the same steps (what `configs/baseline.yaml` holds), with the Lightning Trainer (`retro-lit fit`);
 3. evaluate bits-per-byte on the held-out test files (`retro-lit evaluate`): retrieval ON, OFF, random train
    chunks as neighbours (the control), the baseline, and bpb split by the chunks' overlap with their neighbours;
-4. generate a sample with live retrieval, printing the neighbour chunks it retrieved (`retro-lit generate`).
+4. knowledge update without retraining: the same model and test files, retrieving from copies of the database to
+   which the test files themselves, or lightly edited copies of them, were added (`retro_lit.additions`);
+5. generate a sample with live retrieval, printing the neighbour chunks it retrieved (`retro-lit generate`).
 
 A second run reuses the database and, unless `--retrain`, the checkpoints. Code is redundant across files
 (codecs, idioms, licence blocks): docs/retrieval.md says why this corpus and not Shakespeare.
 """
 
+import json
 import logging
 import time
 from pathlib import Path
 
 from retro_lit.cli import RetroCLI
-from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, markdown_table
-from retro_lit.generate import generate_text
+from retro_lit.embedder import resolve_device
+from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, leakage_demonstration, leakage_table, markdown_table
+from retro_lit.generate import generate_text, load_checkpoint, precision_context
 from retro_lit.workspace import RetroError, open_workspace
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 PROMPT = 'import json\n\n\ndef load(path):\n    """Read a JSON file."""\n'
 BASELINE = ["--model.config.cca_layers=[]", "--model.retrieval=false", "--model.eval_retrieval=off"]
 COPY_RUN = 8  # the paper's leakage threshold, alpha = 0.125 at M = 64: a chunk sharing > 8 tokens with a neighbour
+KNOWLEDGE_TOKENS = 16384  # test tokens of the knowledge update: its three databases cost three evaluations
 
 
 def demo(
@@ -75,6 +80,8 @@ def demo(
         precision="bf16", alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
         baseline_ckpt=str(baseline_ckpt) if baseline_ckpt else None,
     )
+    stage("knowledge update: the test files, then edited copies of them, added to copies of the database")
+    update = knowledge_update(ckpt, workspace_path, run_path, eval_tokens, alpha)
 
     stage("generating with live retrieval")
     generate_text(str(ckpt), str(workspace_path), prompt, max_new_tokens=96, temperature=0.8, top_k=40, seed=0,
@@ -82,6 +89,8 @@ def demo(
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))
+    print("\nknowledge update (no retraining): the test files from the database as built, with themselves added "
+          "(the leakage case), with edited copies added\n" + update)
     print(f"\nworkspace:   {workspace_path}\ncheckpoint:  {ckpt}\nlogs:        {run_path}  (metrics.csv under "
           f"lightning_logs/)\nevaluation:  {', '.join(str(p) for p in written)}")
 
@@ -100,6 +109,20 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str) -
     stage(f"{title}: training {trainer.max_steps} steps ({cli.model.model.num_params()['total'] / 1e6:.1f}M parameters)")
     trainer.fit(cli.model, data)
     return ckpt, workspace
+
+
+def knowledge_update(ckpt: Path, workspace: Path, run_dir: Path, eval_tokens: int, alpha: float) -> str:
+    """`leakage_demonstration` with the demo's model (k = 2, bf16) on the first KNOWLEDGE_TOKENS test tokens (or
+    `eval_tokens`): the grown copies of the database go under run_dir/knowledge-update, the figures to
+    run_dir/knowledge_update.json; returns the table."""
+    device = resolve_device("auto")
+    model, data_hparams = load_checkpoint(ckpt, device)
+    with precision_context("bf16", device):
+        result = leakage_demonstration(workspace, model, run_dir / "knowledge-update",
+                                       seq_len=int(data_hparams["seq_len"]), k=2, device=str(device),
+                                       max_tokens=eval_tokens or KNOWLEDGE_TOKENS, alphas=sorted({alpha, *ALPHAS}))
+    (run_dir / "knowledge_update.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    return leakage_table(result, alpha)
 
 
 def retrieval_summary(result: dict, alpha: float) -> str:

@@ -371,6 +371,7 @@ def _search_neighbors(fabric: Fabric, job: _Job, kw: dict) -> None:
                 "queries_per_s": round(n_queries / max(seconds, 1e-9), 1),
                 "seconds": round(seconds, 3),
                 "world_size": fabric.world_size,
+                "additions": len(ws.additions),
             },
         )
         for p in sorted((paths[0].parent / "parts").glob("*.npy")):

@@ -1,8 +1,9 @@
 """Stage 2: the frozen-BERT key of every chunk, `embeddings/block_XXXXX.npy`, one file per block.
 
 Block b holds the (block_size, E) float16 keys of chunks [b * block_size, (b + 1) * block_size). A block
-is skipped when its file exists, so a distributed build hands block ranges to ranks and an interrupted
-build resumes at the first missing block.
+is skipped when its file holds all its chunks, so a distributed build hands block ranges to ranks and an
+interrupted build resumes at the first missing block. When the database has grown (`retro_lit.additions`),
+the last block of the old chunks is short: its keys are kept as they are and the new chunks' keys follow.
 """
 
 import math
@@ -26,42 +27,52 @@ def embed_chunks(
     quiet: bool = True,
     on_block: Callable[[Path], None] | None = None,
 ) -> list[Path]:
-    """Write the keys of every chunk block in `blocks` (default all) that is not on disk yet.
+    """Write the keys of every chunk block in `blocks` (default all) that is not complete on disk yet.
 
     `on_block(path)` is called after each block file is in place (progress reports, fault injection).
 
-    Block b holds chunks [b * block_size, (b + 1) * block_size); the next block's text is decoded and
-    BERT-tokenized in a background thread while the current block runs through BERT.
+    Block b holds chunks [b * block_size, (b + 1) * block_size); a block file with fewer rows (written before
+    the database grew) keeps them bit for bit and gets the keys of the rest. The next block's text is decoded
+    and BERT-tokenized in a background thread while the current block runs through BERT.
     """
     ws = open_workspace(workspace)
     size = int(ws.manifest["settings"]["block_size"])
     n_chunks = len(ws.chunks)
     blocks = blocks if blocks is not None else range(math.ceil(n_chunks / size))
-    todo = [b for b in blocks if not block_path(ws.root, b).exists()]
     block_path(ws.root, 0).parent.mkdir(exist_ok=True)
+    on_disk = {b: keys_on_disk(ws.root, b) for b in blocks}  # keys of chunks [b * size, b * size + that)
+    todo = {b: done for b, done in on_disk.items() if done < min(size, n_chunks - b * size)}
     lm_tokenizer = workspace_tokenizer(ws)
 
     def prepare(block: int, slice_size: int = 1024) -> list[np.ndarray]:
         token_ids = []  # slice by slice, so that no block-sized list of Python strings is ever alive
-        for start in range(block * size, min((block + 1) * size, n_chunks), slice_size):
-            rows = ws.chunks[start : min(start + slice_size, (block + 1) * size, n_chunks)]  # (s, M)
+        end = min((block + 1) * size, n_chunks)
+        for start in range(block * size + todo[block], end, slice_size):
+            rows = ws.chunks[start : min(start + slice_size, end)]  # (s, M)
             token_ids += embedder.tokenize(lm_tokenizer.decode_batch([row[row != ws.pad_id] for row in rows]))
         return token_ids
 
-    written = []
+    written, order = [], list(todo)
+    total = sum(min(size, n_chunks - b * size) - done for b, done in todo.items())
     with (
         ThreadPoolExecutor(max_workers=1) as pool,
-        progress(
-            total=sum(min(size, n_chunks - b * size) for b in todo), desc="embed", unit="chunk", disable=quiet
-        ) as bar,
+        progress(total=total, desc="embed", unit="chunk", disable=quiet) as bar,
     ):
-        pending = pool.submit(prepare, todo[0]) if todo else None
-        for j, block in enumerate(todo):
+        pending = pool.submit(prepare, order[0]) if order else None
+        for j, block in enumerate(order):
             token_ids = pending.result()
-            pending = pool.submit(prepare, todo[j + 1]) if j + 1 < len(todo) else None
+            pending = pool.submit(prepare, order[j + 1]) if j + 1 < len(order) else None
             keys = embedder.forward(token_ids, on_batch=bar.update).numpy().astype(np.float16)  # (b, E)
+            if todo[block]:  # the short block of a smaller database: its keys stay as they are
+                keys = np.concatenate([np.load(block_path(ws.root, block)), keys])  # (b, E)
             path = save_npy(block_path(ws.root, block), keys)
             written.append(path)
             if on_block is not None:
                 on_block(path)
     return written
+
+
+def keys_on_disk(root: str | Path, block: int) -> int:
+    """Keys in block `block`'s file (0 when there is none yet): chunks [block * size, block * size + that)."""
+    path = block_path(root, block)
+    return len(np.load(path, mmap_mode="r")) if path.exists() else 0

@@ -7,9 +7,11 @@ paper's leakage-filtered bpb(alpha) (§2.6).
   end, so every token after the first T has at least T/2 tokens of context. A document's first token has no
   prediction and is not scored.
 - **Retrieval**: the neighbours of each chunk of a document are looked up once (live with `RetroIndex`, or read
-  from the workspace's precomputed neighbour files when they have enough k) and every window reuses them. Text
-  already in the database (the train split) skips neighbours from its own document; other text retrieves from
-  the whole database. Retrieval ON at k uses the first k neighbours.
+  from the workspace's precomputed neighbour files when they have enough k and the database has not grown since)
+  and every window reuses them. Text already in the database (the train split) skips neighbours from its own
+  document; other text retrieves from the whole database, the documents added after the build included
+  (`retro_lit.additions`): a copy of a test document added to the database is another document, so the test
+  document retrieves it, which is the paper's leakage case. Retrieval ON at k uses the first k neighbours.
 - **bpb(alpha)**: for each evaluation chunk C, r(C) = (longest common contiguous token run between C and any of
   its `leakage_k` neighbours, each neighbour chunk + continuation) / (tokens in C: M, or fewer for a document's
   last chunk). `leakage_k` is the paper's 10 by default, whatever k the model reads; neighbours a precomputed
@@ -17,6 +19,9 @@ paper's leakage-filtered bpb(alpha) (§2.6).
   of chunks with r(C) <= alpha; the same chunks count for every model compared.
 - bits-per-byte = nats / ln 2 / UTF-8 bytes of the scored tokens (`tokenizer.token_bytes`); perplexity is per
   LM token.
+- **Knowledge update** (`leakage_demonstration`): the test documents scored with live retrieval from the original
+  database, then from copies of it that also hold the test documents themselves (the paper's leakage case, §4)
+  or lightly edited copies of them (another edition): the model is the same, only the database grows.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retro_lit.additions import add_documents
 from retro_lit.corpus import iter_documents
-from retro_lit.embedder import resolve_device
+from retro_lit.embedder import BERTForChunkEmbeddings, resolve_device
 from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
 from retro_lit.plots import write_evaluation_plots
@@ -256,13 +264,16 @@ class RandomNeighbors:
         return self.ws.neighbor_tokens(rng.integers(self.lo, self.hi, size=(len(chunks), self.k)))  # (C, k, R)
 
 
-def precomputed_file(ws, split: str, k: int, seq_len: int) -> tuple[int, int] | None:
+def precomputed_file(ws, split: str, k: int, seq_len: int, outdated: bool = False) -> tuple[int, int] | None:
     """(K, T) of a precomputed neighbour file usable for k neighbours of `split`, or None. Outside the train split
-    exclusion never applies (the database is the train split), so a file built for any T will do."""
+    exclusion never applies (held-out text is not in the database), so a file built for any T will do. A file
+    searched before documents were added to the database (`retro_lit.additions`) lacks them: it is used only
+    with `outdated`."""
     name = SPLIT_ALIASES.get(split, split)
     for path in sorted((ws.root / "neighbors").glob(f"k*_t*/{name}.npy")):
         file_k, file_t = (int(part[1:]) for part in path.parent.name.split("_"))
-        if file_k >= k and (file_t == seq_len or name != "train"):
+        searched = ws.manifest["stages"].get(f"neighbors/{path.parent.name}", {}).get("additions", 0)
+        if file_k >= k and (file_t == seq_len or name != "train") and (outdated or searched == len(ws.additions)):
             return file_k, file_t
     return None
 
@@ -434,8 +445,9 @@ def evaluation_report(outcome: tuple[dict, list[Path]]) -> str:
 def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_len: int, device: str = "auto",
                      corpus: str | Path | None = None):
     """(neighbors_of, description) giving max(k, leakage_k) neighbours per chunk of `split` (or of an outside
-    `corpus`). source: `precomputed` files, or `auto` when one holds the k scored (r(C)'s extra neighbours are
-    searched), else `live`; `random` train chunks as a control."""
+    `corpus`). source: `precomputed` files, or `auto` when one holds the k scored and was searched over the
+    database as it is now (r(C)'s extra neighbours are searched), else `live`; `random` train chunks as a
+    control."""
     n = max(k, leakage_k)
     if source == "random":
         return RandomNeighbors(ws, n), "random train chunks (control)"
@@ -443,7 +455,7 @@ def choose_neighbors(ws, split: str, source: str, k: int, leakage_k: int, seq_le
         if source == "precomputed":
             raise RetroError("--neighbor_source precomputed needs a workspace split, not --corpus")
         return LiveNeighbors(RetroIndex(ws.root, ws.chunk_len, device=device), n, exclude_own_doc=False), "live"
-    found = precomputed_file(ws, split, k, seq_len) if source != "live" else None
+    found = precomputed_file(ws, split, k, seq_len, outdated=source == "precomputed") if source != "live" else None
     if found is not None:
         file_k, file_t = found
         how, index = f"precomputed k{file_k}_t{file_t}", None
@@ -465,3 +477,76 @@ def write_outputs(result: dict, out_dir: Path, source: str) -> list[Path]:
     path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     return [path, *write_evaluation_plots(result, out_dir, stem)]
+
+
+# ----------------------------------------------------------------------------- knowledge update: the leakage case
+
+def edited_copy(text: str, rate: float, rng: np.random.Generator) -> str:
+    """A lightly edited copy of `text`: each whitespace-separated word is, with probability `rate`, dropped or
+    replaced by another word of the text (one or the other at even odds); the whitespace is kept."""
+    parts = re.split(r"(\s+)", text)  # words at even positions, the whitespace between them at odd ones
+    words = [p for p in parts[::2] if p]
+    for i in range(0, len(parts), 2):
+        if parts[i] and rng.random() < rate:
+            parts[i] = "" if rng.random() < 0.5 else words[rng.integers(len(words))]
+    return "".join(parts)
+
+
+def leakage_demonstration(workspace: str | Path, model: nn.Module, scratch: str | Path, *, seq_len: int, k: int = 2,
+                          embedder: BERTForChunkEmbeddings | None = None, device: str = "auto", edit_rate: float = 0.1,
+                          seed: int = 0, max_tokens: int | None = None, alphas: Sequence[float] = ALPHAS,
+                          batch_size: int = 8, quiet: bool = True) -> dict:
+    """bpb of the held-out test documents, retrieval ON (k) and OFF, with live retrieval from three databases:
+    the workspace's own; a copy of it to which the test documents themselves were added (`retro_lit.additions`:
+    the paper's leakage case); a copy to which edited copies of them were added (`edited_copy`, `edit_rate`).
+
+    The copies are made under `scratch` (the workspace is not changed). The model and the scored tokens are the
+    same throughout: OFF cannot change, ON drops as far as the model reads what it retrieves. r(C) compares the
+    paper's 10 neighbours, so bpb(alpha) and bpb above alpha say whether a drop comes from high-overlap chunks.
+    Returns {"k", "seq_len", "edit_rate", "databases": {name: `evaluate_documents` result}}.
+    """
+    ws = open_workspace(workspace)
+    lm_tokenizer = workspace_tokenizer(ws)
+    documents = capped(workspace_documents(ws, "test"), max_tokens)
+    if embedder is None:
+        embedder = BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], device)
+    rng = np.random.default_rng(seed)
+    texts = {doc.name: lm_tokenizer.decode(doc.tokens.tolist()) for doc in documents}
+    added = {"test documents": {f"copy of {name}": text for name, text in texts.items()},
+             "edited copies": {f"edited copy of {name}": edited_copy(text, edit_rate, rng)
+                               for name, text in texts.items()}}
+    databases = {"original": Path(workspace)}
+    for name, docs in added.items():
+        folder = Path(scratch) / name.replace(" ", "-")
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(workspace, folder / "workspace")
+        corpus = folder / "documents.jsonl"
+        with open(corpus, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"name": doc, "text": text}, ensure_ascii=False) + "\n" for doc, text in docs.items())
+        databases[name] = add_documents(folder / "workspace", corpus, embedder, name=name, quiet=quiet)
+    scorers = {"on": Scorer(model, k), "off": Scorer(model, None)}
+    results = {}
+    for name, root in databases.items():
+        live = LiveNeighbors(RetroIndex(root, ws.chunk_len, bert=embedder), max(k, LEAKAGE_K), exclude_own_doc=False)
+        results[name] = evaluate_documents(scorers, documents, live, lm_tokenizer.token_bytes, seq_len, ws.chunk_len,
+                                           LEAKAGE_K, alphas, batch_size)
+        log.info("leakage demonstration, database %r: bpb ON %.4f, OFF %.4f", name,
+                 results[name]["models"]["on"]["bpb"], results[name]["models"]["off"]["bpb"])
+    return {"k": k, "seq_len": seq_len, "edit_rate": edit_rate, "databases": results}
+
+
+def leakage_table(result: dict, alpha: float) -> str:
+    """Markdown: per database, bpb ON and OFF, and ON / OFF over all chunks, over the chunks with r(C) > alpha (what
+    the database lets the model copy) and over the others (bpb(alpha))."""
+    lines = [f"| database | bpb ON (k={result['k']}) | bpb OFF | ON / OFF | chunks with r(C) > {alpha:g} | "
+             f"ON / OFF there | ON / OFF on the rest (bpb(α={alpha:g})) |", "|---|---|---|---|---|---|---|"]
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.3f}" if not (math.isnan(a) or math.isnan(b)) else "–"  # nan: no such chunk
+
+    for name, r in result["databases"].items():
+        on, off = r["models"]["on"], r["models"]["off"]
+        lines.append(f"| {name} | {on['bpb']:.4f} | {off['bpb']:.4f} | {ratio(on['bpb'], off['bpb'])} | "
+                     f"{1 - r['kept_fraction'][alpha]:.1%} | "
+                     f"{ratio(on['bpb_above_alpha'][alpha], off['bpb_above_alpha'][alpha])} | "
+                     f"{ratio(on['bpb_alpha'][alpha], off['bpb_alpha'][alpha])} |")
+    return "\n".join(lines)

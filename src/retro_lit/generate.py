@@ -139,7 +139,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, retrieve: Retrieve | None = N
 class IndexRetriever:
     """`retrieve` for `generate` from a `RetroIndex`: embed each chunk's text, search faiss for k neighbours
     (skipping `exclude_docs`), return their [neighbour, continuation] tokens (B, K, R). `last` holds the
-    last lookup (`retro_lit.index.Retrieved`: ids, distances, tokens, doc ids, doc names)."""
+    last lookup (`retro_lit.index.Retrieved`: ids, distances, tokens, doc ids, doc names and sources)."""
 
     def __init__(self, index, k: int, exclude_docs: list[int] | None = None):
         self.index, self.k, self.exclude_docs = index, k, exclude_docs
@@ -151,7 +151,8 @@ class IndexRetriever:
 
 
 def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) -> str:
-    """Readable report of one lookup: the query chunk, then each neighbour's distance, source and text."""
+    """Readable report of one lookup: the query chunk, then each neighbour's distance, document (and the addition
+    it came with, for a document added after the build), chunk id and text."""
     def text(ids) -> str:
         return repr(tokenizer.decode([int(t) for t in ids if t >= 0]))
 
@@ -164,8 +165,10 @@ def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) ->
                 lines.append(f"  {j + 1}. (none)")
                 continue
             neighbor, continuation = found.tokens[b, j, :chunk_len], found.tokens[b, j, chunk_len:]
+            source = found.doc_sources[b][j]  # "train", or the addition that brought the document
             lines.append(f"  {j + 1}. distance {found.distances[b, j]:.4f}  doc {found.doc_ids[b, j]} "
-                         f"{found.doc_names[b][j]!r}  chunk {found.ids[b, j]}")
+                         f"{found.doc_names[b][j]!r}{'' if source == 'train' else f' (added: {source})'}  "
+                         f"chunk {found.ids[b, j]}")
             lines.append(f"     neighbor:     {text(neighbor)}")
             lines.append(f"     continuation: {text(continuation)}")
     return "\n".join(lines)

@@ -14,10 +14,16 @@ recall@k against exact search on a sample of chunks (the query's own chunk dropp
 result counts when its distance is within the exact k-th distance, so duplicate chunks do not count as
 misses). For IVF indexes nprobe is the smallest power of two reaching `target_recall` on one half of the
 sample; the recall reported (and stored in the manifest) is measured on the other half.
+
+Documents added after the build (`retro_lit.additions`) go into the trained index under their global chunk
+ids (`add_keys`), which do not follow the train ids: IVF indexes store ids anyway; a Flat index, whose ids
+are positions, is rebuilt once inside an `IndexIDMap` with the same keys. Recall is measured again over the
+grown database at the index's nprobe (`measure_recall`), which is not re-tuned.
 """
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +35,7 @@ import torch
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.progress import progress
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import RetroError, Workspace, atomic_save, open_workspace
+from retro_lit.workspace import MANIFEST, RetroError, Workspace, atomic_save, open_workspace
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +123,13 @@ def _tune_and_measure(
     rng: np.random.Generator,
     k: int,
     target_recall: float,
+    ranges: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[int | None, float]:
-    """Smallest power-of-two nprobe reaching `target_recall` on half a query sample; recall on the other half."""
+    """Smallest power-of-two nprobe reaching `target_recall` on half a query sample; recall on the other half.
+    The index holds the chunk `ranges` (default: the train split)."""
     queries = np.sort(rng.choice(len(ws.chunks), size=min(len(ws.chunks), RECALL_QUERIES), replace=False))
     xq = ws.embeddings_at(queries)  # (Q, E)
-    kth = _exact_kth_distance(ws, xq, queries, k)  # (Q,)
+    kth = _exact_kth_distance(ws, xq, queries, k, ranges or [ws.split_range("train")])  # (Q,)
     halves = (
         [np.arange(len(queries)) % 2 == h for h in (0, 1)] if len(queries) > 1 else [np.ones(1, bool)] * 2
     )
@@ -215,6 +223,51 @@ def finish_index_shards(
     return {**info, "shards": shards, "files": [str(p.relative_to(ws.root)) for p in files]}
 
 
+# --------------------------------------------------------------------------------------- a growing database
+
+def add_keys(ws: Workspace, index: faiss.Index, start: int, end: int) -> faiss.Index:
+    """Add the keys of chunks [start, end) to a CPU index under their global ids; returns the index holding them.
+
+    IVF indexes (OPQ-wrapped or not) keep an id per key. Any other index (Flat) numbers its keys by position,
+    and the new chunks do not follow the train chunks (validation and test lie between): it is rebuilt once
+    inside an `IndexIDMap`, from the same float32 keys under the same ids (the chunk ranges it holds,
+    `ws.database_ranges()`), before the new keys go in.
+    """
+    block = int(ws.manifest["settings"]["block_size"])
+
+    def add(target: faiss.Index, first: int, n: int) -> None:
+        for a in range(first, n, block):
+            target.add_with_ids(ws.embeddings(a, min(a + block, n)), np.arange(a, min(a + block, n)))  # (b, E)
+
+    if _ivf(index) is None and not isinstance(index, faiss.IndexIDMap):
+        held = ws.database_ranges()
+        if sum(b - a for a, b in held) != index.ntotal:
+            raise RetroError(f"the index of {ws.root} holds {index.ntotal} keys, not its database's; rebuild it")
+        empty = faiss.clone_index(index)
+        empty.reset()
+        index = faiss.IndexIDMap(empty)
+        for a, b in held:
+            add(index, a, b)
+    add(index, start, end)
+    return index
+
+
+def measure_recall(
+    ws: Workspace,
+    index: faiss.Index,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    k: int,
+    nprobe: int | None,
+    seed: int | Sequence[int],
+) -> float:
+    """recall@k of an index holding the chunk `ranges`, at its `nprobe` (not re-tuned), measured as `build_index`
+    measures it: against exact search, on a seeded sample of every chunk of the workspace."""
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    return _tune_and_measure(ws, index, None, np.random.default_rng(seed), k, 1.0, ranges)[1]
+
+
 def save_index(index: faiss.Index, path: Path) -> Path:
     with atomic_save(path) as tmp:
         faiss.write_index(_to_cpu(index), str(tmp))
@@ -285,14 +338,16 @@ class Retrieved(NamedTuple):
     tokens: np.ndarray  # (Q, K, R) int64 [neighbour, continuation] tokens, -1 = no token
     doc_ids: np.ndarray  # (Q, K) int64 document of each neighbour, -1 = none
     doc_names: list[list[str | None]]  # (Q, K) document names, None = none
+    doc_sources: list[list[str | None]]  # (Q, K) "train", or the name of the addition the document came with
 
 
 class RetroIndex:
     """Live lookups in a built workspace, for generation and evaluation (one call per chunk batch).
 
     `RetroIndex(workspace, chunk_len, bert=None)` keeps the quick-start signature; the workspace and
-    index open on the first `search`, so the object may be made before the build. `bert` defaults to
-    the workspace's embedder, on `device`.
+    index open on the first `search`, so the object may be made before the build, and open again when the
+    workspace's manifest has changed since (documents were added: `retro_lit.additions`), so a search always
+    sees the database on disk. `bert` defaults to the workspace's embedder, on `device`.
     """
 
     def __init__(
@@ -306,7 +361,7 @@ class RetroIndex:
         self.chunk_len = chunk_len
         self.bert = bert
         self.device = device
-        self._ws = self._index = self._tokenizer = None
+        self._ws = self._index = self._tokenizer = self._stamp = None
 
     def search(
         self, queries: list[str] | torch.Tensor, k: int = 2, exclude_docs: Sequence[int] | None = None
@@ -325,11 +380,18 @@ class RetroIndex:
             index, xq, k, lambda rows, i: np.isin(ws.chunk_doc[np.maximum(i, 0)], excluded)
         )
         docs = np.where(ids >= 0, ws.chunk_doc[np.maximum(ids, 0)], -1).astype(np.int64)  # (Q, K)
-        names = [[ws.documents[d]["name"] if d >= 0 else None for d in row] for row in docs.tolist()]
-        return Retrieved(ids, dist, ws.neighbor_tokens(ids), docs, names)
+        rows = [[ws.documents[d] if d >= 0 else None for d in row] for row in docs.tolist()]
+        names = [[r["name"] if r else None for r in row] for row in rows]
+        sources = [[r.get("addition", r["split"]) if r else None for r in row] for row in rows]
+        return Retrieved(ids, dist, ws.neighbor_tokens(ids), docs, names, sources)
 
     def _open(self):
-        if self._ws is None:
+        try:  # a manifest written since (each write is a new file) means a changed workspace
+            stat = os.stat(self.workspace / MANIFEST)
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if self._ws is None or stamp != self._stamp:
             ws = open_workspace(self.workspace)
             if ws.chunk_len != self.chunk_len:
                 raise RetroError(
@@ -341,7 +403,7 @@ class RetroIndex:
             self._index = load_index(index_files(ws.root, info), info.get("nprobe"))
             self.bert = self.bert or BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], self.device)
             self._tokenizer = workspace_tokenizer(ws)
-            self._ws = ws
+            self._ws, self._stamp = ws, stamp
         return self._ws, self._index
 
 
@@ -352,14 +414,16 @@ def _ivf(index: faiss.Index) -> "faiss.IndexIVF | None":
         return None
 
 
-def _exact_kth_distance(ws: Workspace, xq: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """The exact k-th nearest train distance of each query (its own chunk excluded), scanning blocks."""
-    n = ws.split_range("train")[1]
+def _exact_kth_distance(
+    ws: Workspace, xq: np.ndarray, queries: np.ndarray, k: int, ranges: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """The exact k-th nearest distance of each query to the chunks of `ranges` (its own chunk excluded),
+    scanning blocks."""
     best = np.full((len(xq), k + 1), np.inf, dtype=np.float32)  # (Q, k+1)
     best_ids = np.full((len(xq), k + 1), -1, dtype=np.int64)  # (Q, k+1)
     block = int(ws.manifest["settings"]["block_size"])
-    for start in range(0, n, block):
-        keys = ws.embeddings(start, min(start + block, n))  # (b, E)
+    for start, end in ((a, min(a + block, n)) for first, n in ranges for a in range(first, n, block)):
+        keys = ws.embeddings(start, end)  # (b, E)
         d, i = faiss.knn(xq, keys, min(k + 1, len(keys)))  # (Q, <=k+1)
         d, i = np.concatenate([best, d], 1), np.concatenate([best_ids, i + start], 1)
         order = np.argsort(d, axis=1, kind="stable")[:, : k + 1]

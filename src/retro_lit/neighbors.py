@@ -7,7 +7,9 @@ excluded chunks of a window are one range [lo, hi): from the first chunk of the 
 to the last chunk of its last document, and the chunk right after the window (it holds the window's last
 target token, and may open another document). The last partial window of a split is treated as a window too.
 
-Output: `neighbors/k{K}_t{T}/<split>.npy`, (n_chunks_of_split, K) int64 global chunk ids, -1 = none.
+Output: `neighbors/k{K}_t{T}/<split>.npy`, (n_chunks_of_split, K) int64 global chunk ids, -1 = none. The
+database searched is the index's: the train split and the documents added before the search (its manifest
+entry's `additions` counts them); documents added later are not in these files (`retro_lit.additions`).
 
 Queries run in *parts* of `block_size` chunks of a split (searched in batches of at most QUERY_BATCH), in
 one process (`compute_neighbors`) or spread over ranks (`compute_neighbor_parts` writes one file per part
@@ -105,6 +107,7 @@ def compute_neighbors(
         "seq_len": seq_len,
         "files": [str(p.relative_to(ws.root)) for p in paths],
         "queries_per_s": round(rate, 1),
+        "additions": len(ws.additions),  # the database searched: the train split and this many additions
     }
 
 

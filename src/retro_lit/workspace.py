@@ -10,10 +10,11 @@ it, and it imports nothing of retro_lit. Layout of a workspace:
     documents.jsonl                  {"doc", "name", "split", "n_tokens"} per document, chunk order
     tokenizer.json                   the LM tokenizer (a trained BPE, or a copy of the given one)
     embeddings/block_XXXXX.npy       (block_size, E) float16 frozen-BERT keys
-    index.faiss | index_shards/      the faiss index over the train chunks
+    index.faiss | index_shards/      the faiss index over the database: the train chunks and the added ones
     neighbors/k{K}_t{T}/<split>.npy  (n_chunks_of_split, K) int64 precomputed neighbours, -1 = none
 
-Splits are contiguous chunk ranges, train first. Every file is written through `atomic_save` (a `*.tmp`
+Splits are contiguous chunk ranges, train first; documents added after the build (`retro_lit.additions`) follow
+the test split, one range per addition (`manifest["additions"]`). Every file is written through `atomic_save` (a `*.tmp`
 then `os.replace`), and a stage is recorded as done in the manifest only after its files are in place,
 so an interrupted build leaves finished files and temporary ones, never a half-written file under its name.
 """
@@ -84,6 +85,17 @@ def write_manifest(root: str | Path, manifest: dict) -> Path:
     return path
 
 
+def check_settings(root: str | Path, built: dict, wanted: dict) -> None:
+    """Raise `RetroError` naming the first setting of `wanted` that differs from the workspace's `built` ones."""
+    for key, value in wanted.items():
+        old = built.get(key)
+        if old != value:
+            raise RetroError(
+                f"workspace {root} was built with {key}={old!r}, not {value!r}; "
+                "use another --workspace or the same setting"
+            )
+
+
 def mark_stage(root: str | Path, name: str, info: dict) -> Path:
     """Record stage `name` as done with `info` (its files must already be on disk)."""
     manifest = read_manifest(root)
@@ -142,6 +154,16 @@ class Workspace:
     @property
     def embedding_dim(self) -> int:
         return int(self.manifest["stages"]["embeddings"]["dim"])
+
+    @property
+    def additions(self) -> list[dict]:
+        """The additions whose keys are in the index (`manifest["additions"]` entries past their index step),
+        in order: each {"name", "corpus", "fingerprint", "documents", "chunks", "range": [first, end), ...}."""
+        return [a for a in self.manifest.get("additions", []) if a["stages"].get("index", {}).get("done")]
+
+    def database_ranges(self) -> list[tuple[int, int]]:
+        """[first, end) chunk ranges of the retrieval database: the train split, then each addition's range."""
+        return [self.split_range("train"), *((int(a), int(b)) for a, b in (x["range"] for x in self.additions))]
 
     def split_range(self, split: str) -> tuple[int, int]:
         """[first_chunk, end_chunk) of a split ('train', 'val' (or 'validation'), 'test')."""
