@@ -49,7 +49,7 @@ from lightning.fabric.plugins.environments import (
 )
 from lightning.fabric.strategies import DDPStrategy
 
-from retro_lit.build import build_summary, build_workspace, format_summary
+from retro_lit.build import Build, build_summary, build_workspace, format_summary
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.embeddings import embed_chunks
 from retro_lit.index import fill_index_shard, finish_index_shards, num_index_shards, train_index_shards
@@ -415,20 +415,20 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build_db(
+def build_db(  # the defaults are the build's own (build.Build), declared once
     corpus: str,
     workspace: str,
-    tokenizer: str = "bpe:8192",
-    chunk_size: int = 64,
+    tokenizer: str = Build.tokenizer,
+    chunk_size: int = Build.chunk_len,
     embedder: str | None = None,
-    index: str = "auto",
-    num_neighbors: int = 2,
-    seq_len: int = 2048,
-    split: tuple[float, float, float] = (0.9, 0.05, 0.05),
-    seed: int = 0,
-    dedup_threshold: float | None = 0.8,
+    index: str = Build.index,
+    num_neighbors: int = Build.num_neighbors,
+    seq_len: int = Build.seq_len,
+    split: tuple[float, float, float] = Build.split,
+    seed: int = Build.seed,
+    dedup_threshold: float | None = Build.dedup_threshold,
     batch_size: int = 128,
-    block_size: int = 16384,
+    block_size: int = Build.block_size,
     index_shards: int = 1,
     trainer: Placement = Placement(),
     quiet: bool = False,
