@@ -10,7 +10,13 @@ Trains the demo's model (configs/demo.yaml's sizes) in a plain loop on a built w
 Levers: `--copy_rate` (the copy warm-up, `data.copy_neighbor_rate`), `--k`, `--tie` (`tied`: share the token
 embedding with the output head; `init`: the head starts as a copy of the embedding), `--cca_value_init c`
 (experiment only: CCA's value projection starts as the identity and its output projection as c times it, a
-bag-of-neighbour-tokens path from step 0), `--retrieval_lr_scale` (LR multiplier of the encoder and CCA).
+bag-of-neighbour-tokens path from step 0), `--retrieval_lr_scale` (LR multiplier of the encoder and CCA), and two
+experiment-only architecture levers (`--lever`): `smear` (the CCA key of neighbour token j mixes in token j-1's key
+with a learned weight: a built-in previous-token head, the "smeared key" shortcut to induction-style copying) and
+`pointer` (a copy head beside the LM: position p attends, with CCA's causality, over the K*R neighbour tokens,
+matching (x_{p-1}, x_p) against (n_{j-2}, n_{j-1}) in a learned embedding, and puts that attention on n_j;
+p = (1-g) p_LM + g p_copy with a learned gate g(h_p). Not RETRO: an upper bound on what copying from these
+neighbours can buy after these steps).
 
     python benchmarks/copy_probe.py --workspace W --kfile 4 --k 1 --copy_rate 0.5 --tie tied --cca_value_init 0.05
 
@@ -19,13 +25,16 @@ W must hold neighbours for `--kfile` and `--seq_len` (retro-lit build-db --num_n
 
 import argparse
 import time
+import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from retro_lit.data import RetroDataset
 from retro_lit.lit import warmup_cosine
-from retro_lit.model import RetroConfig, RetroModel
+from retro_lit.model import RetroConfig, RetroModel, rope_cos_sin
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import open_workspace
 
@@ -46,7 +55,66 @@ def build_model(args, vocab_size: int, chunk_len: int) -> RetroModel:
                     half = key_value.shape[0] // 2
                     key_value[half:].copy_(torch.eye(half, key_value.shape[1]))
                     block.cca.attn.out.weight.copy_(args.cca_value_init * torch.eye(*block.cca.attn.out.weight.shape))
+    if args.lever == "smear":
+        for block in model.blocks:
+            if block.cca is not None:
+                block.cca.smear = nn.Parameter(torch.zeros(1))  # key weight sigmoid(0) = 1/2 on token j
+                block.cca.project = types.MethodType(smeared_project, block.cca)
+    elif args.lever == "pointer":
+        model.pointer = PointerHead(vocab_size, config.d_model)
     return model
+
+
+def smeared_project(cca, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CCA keys/values of memory (B, Lc, K*R, E) whose key j is a learned mix of the keys of tokens j and j-1."""
+    B, Lc, KR, E = memory.shape
+    R = 2 * cca.chunk_len
+    per_neighbor = memory.view(B, Lc, KR // R, R, E)
+    prev = torch.cat([torch.zeros_like(per_neighbor[:, :, :, :1]), per_neighbor[:, :, :, :-1]], dim=3).view_as(memory)
+    rope = rope_cos_sin(torch.arange(KR, device=memory.device) % R, cca.head_dim, cca.rope_base)
+    k, v = cca.attn.project_kv(memory, rope)
+    a = torch.sigmoid(cca.smear)
+    return a * k + (1 - a) * cca.attn.project_kv(prev, rope)[0], v
+
+
+class PointerHead(nn.Module):
+    """Copy head over the neighbours: log p = log((1-g) p_LM + g p_copy), see the module docstring."""
+
+    def __init__(self, vocab_size: int, d_model: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 64)
+        nn.init.normal_(self.emb.weight)
+        self.tau = nn.Parameter(torch.tensor([8.0, 4.0]))  # temperatures of the x_p and x_{p-1} matches
+        self.gate = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, -2.0)
+
+    def forward(self, logp: torch.Tensor, h: torch.Tensor, x: torch.Tensor, neighbors: torch.Tensor, M: int):
+        """logp (B, T, V) LM log-probs, h (B, T, D), x (B, T), neighbors (B, L, K, R) -> mixed log-probs."""
+        T, L = x.shape[1], neighbors.shape[1]
+        u = (torch.arange(T) + 1) // M - 1  # the chunk whose neighbours position p reads, as in CCA
+        nb = neighbors[:, u.clamp(0, L - 1)]  # (B, T, K, R)
+        pad = torch.full_like(nb[..., :1], -1)
+        prev1, prev2 = torch.cat([pad, nb[..., :-1]], -1), torch.cat([pad, pad, nb[..., :-2]], -1)
+        nb, prev1, prev2 = (t.flatten(2) for t in (nb, prev1, prev2))  # (B, T, K*R)
+        x_prev = torch.cat([torch.full_like(x[:, :1], -1), x[:, :-1]], 1)
+        e = lambda t: F.normalize(self.emb(t.clamp(min=0)).float(), dim=-1)
+        score = (self.tau[0] * (e(x)[:, :, None] * e(prev1)).sum(-1)
+                 + self.tau[1] * (e(x_prev)[:, :, None] * e(prev2)).sum(-1) * ((prev2 >= 0) & (x_prev >= 0)[..., None]))
+        valid = (nb >= 0) & (prev1 >= 0) & ((u >= 0) & (u < L))[None, :, None]
+        attn = torch.softmax(score.masked_fill(~valid, -1e4), -1) * valid  # (B, T, K*R)
+        p_copy = torch.zeros_like(logp).scatter_add_(-1, nb.clamp(min=0), attn)  # (B, T, V)
+        g = torch.sigmoid(self.gate(h).float()) * valid.any(-1, keepdim=True)  # (B, T, 1)
+        return torch.log((1 - g) * logp.exp() + g * p_copy + 1e-9)
+
+
+def model_loss(model: RetroModel, x: torch.Tensor, y: torch.Tensor, neighbors) -> torch.Tensor:
+    """Mean next-token loss; with the pointer lever and neighbours, of the LM + copy-head mixture."""
+    if getattr(model, "pointer", None) is None or neighbors is None:
+        return model.loss(x, y, neighbors)[0]
+    h = model.hidden_states(x, neighbors)  # (B, T, D)
+    logp = model.pointer(F.log_softmax(model.lm_head(h).float(), -1), h, x, neighbors, model.chunk_len)
+    return F.nll_loss(logp.flatten(0, 1), y.flatten(), ignore_index=-100)
 
 
 def optimizer(model: RetroModel, args) -> torch.optim.Optimizer:
@@ -80,7 +148,7 @@ def batch(ds: RetroDataset, rows, k: int, slots: str):
 def losses(model: RetroModel, ds: RetroDataset, k: int, slots: str, n: int = 24) -> tuple[float, float]:
     x, y, neighbors = batch(ds, np.random.default_rng(1).choice(len(ds), min(n, len(ds)), replace=False), k, slots)
     with torch.autocast("cpu", torch.bfloat16):
-        return model.loss(x, y, neighbors)[0].item(), model.loss(x, y, None)[0].item()
+        return model_loss(model, x, y, neighbors).item(), model_loss(model, x, y, None).item()
 
 
 def main() -> None:
@@ -93,6 +161,7 @@ def main() -> None:
     p.add_argument("--tie", choices=("none", "tied", "init"), default="none")
     p.add_argument("--cca_value_init", type=float, default=0.0)
     p.add_argument("--retrieval_lr_scale", type=float, default=1.0)
+    p.add_argument("--lever", choices=("none", "smear", "pointer"), default="none")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_every", type=int, default=50)
@@ -124,7 +193,7 @@ def main() -> None:
         x, y, neighbors = batch(train, rng.choice(len(train), args.batch_size, replace=False), args.k,
                                 "copy" if args.copy_rate > 0 else "first")
         with torch.autocast("cpu", torch.bfloat16):
-            loss, _ = model.loss(x, y, neighbors)
+            loss = model_loss(model, x, y, neighbors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
