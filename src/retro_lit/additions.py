@@ -50,8 +50,8 @@ from retro_lit.embeddings import embed_chunks, keys_on_disk
 from retro_lit.index import add_keys, measure_recall, save_index
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import (FORMAT_VERSION, RetroError, check_settings, open_workspace, read_manifest,
-                                 write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, RetroError, check_settings, holding_lock, open_workspace,
+                                 read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,7 @@ ADDITION_STEPS: tuple[tuple[str, Callable[[_Addition, dict, dict], dict]], ...] 
 
 # ----------------------------------------------------------------------------- the addition
 
+@holding_lock  # one writer at a time: a build or an addition running there refuses this one
 def add_documents(
     workspace: str | Path,
     corpus: str | Path,

@@ -28,8 +28,8 @@ from retro_lit.embeddings import embed_chunks
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, neighbors_key, open_workspace,
-                                 read_manifest, write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, holding_lock, neighbors_key,
+                                 open_workspace, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ BUILD_STAGES: tuple[tuple[str, Callable[[Build, dict], dict]], ...] = (
 )
 
 
+@holding_lock  # a second build of the same workspace is refused, never interleaved
 def build_workspace(
     workspace: str | Path,
     corpus: str | Path,
