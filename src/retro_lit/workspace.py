@@ -59,12 +59,24 @@ def atomic_save(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException as e:
+        begun = tmp.exists()
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and e.filename is None:  # a failed write (a full disk)
-            raise OSError(e.errno, e.strerror, str(path)) from e  # names no file: name the one it was writing
+        # a failed write (a full disk) names no file: name this one, the last begun of a group written together
+        if begun and isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     os.replace(tmp, path)
 
+
+
+@contextlib.contextmanager
+def scratch_file(path: str | Path) -> Iterator[Path]:
+    """Yield `path` (a `*.tmp` scratch file) and remove it when the block ends, whether it ran to its end or not:
+    a failed stage (a full disk) must not leave a corpus-sized file behind."""
+    try:
+        yield Path(path)
+    finally:
+        Path(path).unlink(missing_ok=True)
 
 @contextlib.contextmanager
 def workspace_lock(root: str | Path) -> Iterator[None]:
