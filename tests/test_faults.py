@@ -150,6 +150,62 @@ def test_the_lock_is_reentrant_and_leaves_no_folder_behind_a_refused_build(tmp_p
     assert not (tmp_path / "ws").exists()
 
 
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "before:chunks.npy",  # chunks: some files of the group renamed into place, the others still *.tmp
+        "after:block_00002.npy",  # embeddings, mid-blocks (the lock test above kills after the first)
+        "after:index.faiss",  # the index on disk, its stage not recorded
+        "before:manifest.json",  # after a stage's files, while the manifest recording it is a *.tmp
+        "file:neighbors",  # neighbours, after the first query part
+    ],
+)
+def test_a_build_killed_at_each_stage_reruns_to_the_files_of_an_uninterrupted_one(tmp_path, reference, tiny_bert,
+                                                                                  fault):
+    corpus, _, built, _ = reference
+    killed(tmp_path, "build", tmp_path / "ws", corpus, fault)
+    build(tmp_path / "ws", corpus, tiny_bert)
+    assert_same_files(tmp_path / "ws", built)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    ["before:chunk_doc.npy", "step:chunks", "block", "step:embeddings", "after:index.faiss", "step:index",
+     "step:neighbors"],
+)
+def test_an_addition_killed_at_each_step_reruns_to_the_files_of_an_uninterrupted_one(tmp_path, reference, tiny_bert,
+                                                                                     fault):
+    _, new, built, grown = reference
+    shutil.copytree(built, tmp_path / "ws")
+    killed(tmp_path, "add", tmp_path / "ws", new, fault)
+    add_documents(tmp_path / "ws", new, tiny_bert, recompute_neighbors=True)
+    assert_same_files(tmp_path / "ws", grown)
+
+
+@pytest.mark.slow
+def test_build_db_from_another_shell_is_refused_while_a_build_holds_the_lock(tmp_path, reference):
+    corpus = reference[0]
+    root = tmp_path / "ws"
+    holder = start_child(tmp_path, "build", root, corpus, "hold:embeddings")
+    try:
+        assert holder.stdout.readline() == "holding\n", holder.stderr.read()
+        before = snapshot(root)
+        env = os.environ | {"PYTHONPATH": str(SRC)}
+        second = subprocess.run([sys.executable, "-m", "retro_lit", "build-db", "--corpus", str(corpus), "--workspace",
+                                 str(root)], env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"error: workspace {root} is in use: process {holder.pid} holds")
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        assert snapshot(root) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+
 # ----------------------------------------------------------------------------- a full disk
 
 def plant_full_disk(path: Path) -> None:

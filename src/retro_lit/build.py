@@ -14,6 +14,7 @@ naming the setting. retro_lit.distributed runs the same stages over several proc
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ def run_index(build: Build, manifest: dict) -> dict:
 
 def run_neighbors(build: Build, manifest: dict) -> dict:
     ws, nprobe = open_workspace(build.root), manifest["stages"]["index"].get("nprobe")
-    return compute_neighbors(ws, build.num_neighbors, build.seq_len, nprobe=nprobe, quiet=build.quiet)[1]
+    paths, info = compute_neighbors(ws, build.num_neighbors, build.seq_len, nprobe=nprobe, quiet=build.quiet)
+    shutil.rmtree(paths[0].parent / "parts", ignore_errors=True)  # the query parts of a killed distributed build
+    return info
 
 
 BUILD_STAGES: tuple[tuple[str, Callable[[Build, dict], dict]], ...] = (
