@@ -20,9 +20,9 @@ import torch
 from helpers import K, M, T, build, make_corpus, snapshot
 from retro_lit.additions import add_documents
 from retro_lit.commands import main
-from retro_lit.workspace import LOCK, RetroError
+from retro_lit.workspace import LOCK, RetroError, workspace_lock
 
-TIMINGS = {"seconds", "chunks_per_s", "queries_per_s", "world_size"}  # and world_size, set by the distributed build
+TIMINGS = {"seconds", "chunks_per_s", "queries_per_s", "world_size"}  # (world_size: the distributed build's)
 SRC = Path(__file__).parents[1] / "src"
 
 CHILD = f"""
@@ -101,7 +101,8 @@ def without_timings(value):
 
 
 def assert_same_files(root: Path, expected_root: Path) -> None:
-    """Byte-identical files (the manifest: but for timings and the corpus path), no *.tmp and no lock left."""
+    """The reference's files, byte for byte (the manifest but for timings and the corpus path): so no *.tmp and
+    no lock left either."""
     got, expected = snapshot(root), snapshot(expected_root)
     assert sorted(got) == sorted(expected)
     for name in expected:
@@ -140,8 +141,6 @@ def test_a_second_writer_is_refused_while_a_build_holds_the_lock_and_a_killed_bu
 
 
 def test_the_lock_is_reentrant_and_leaves_no_folder_behind_a_refused_build(tmp_path, tiny_bert):
-    from retro_lit.workspace import workspace_lock
-
     with workspace_lock(tmp_path / "ws"), workspace_lock(tmp_path / "ws"):
         assert (tmp_path / "ws" / LOCK).read_text() == f"{os.getpid()}\n"
     assert not (tmp_path / "ws").exists()
