@@ -14,8 +14,8 @@ workspace's files, so the workspace must be on a filesystem that all ranks see. 
    disk); rank 0 merges them into the split files (tmp + os.replace) and removes the parts.
 
 Only rank 0 writes `manifest.json` (holding the workspace's lock all through), and marks a stage done only
-after every rank reported its share on disk. A failed rank fails the stage on every rank (each raises); rerunning the same command resumes: the
-files already written are skipped. Blocks, parts and query batches do not depend on W, so a W-process
+after every rank reported its share on disk. A failed rank fails the stage on every rank (each raises);
+rerunning the same command resumes: the files already written are skipped. Blocks, parts and query batches do not depend on W, so a W-process
 build writes the same bytes as a 1-process one.
 
 Launch: `devices * num_nodes` ranks. On each node Fabric spawns `devices` local ranks (its `ddp_spawn`;
