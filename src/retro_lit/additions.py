@@ -50,8 +50,8 @@ from retro_lit.embeddings import embed_chunks, keys_on_disk
 from retro_lit.index import add_keys, measure_recall, save_index
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import (FORMAT_VERSION, RetroError, check_settings, open_workspace, read_manifest,
-                                 write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, RetroError, check_settings, holding_lock, open_workspace,
+                                 read_manifest, scratch_file, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +108,22 @@ def _add_chunks(job: _Addition, manifest: dict, entry: dict) -> dict:
     ws = open_workspace(job.root)
     lm_tokenizer = workspace_tokenizer(ws)
     names = [doc.name for doc in iter_documents(job.corpus)]  # (a bad file fails here, before any write)
-    tmp_tokens = job.root / "tokens.bin.tmp"
     dtype = np.dtype(manifest["counts"]["dtype"])
-    n_tokens = tokenize_to_file(job.corpus, lm_tokenizer, tmp_tokens, dtype, np.zeros(len(names), bool), job.quiet)
-    if n_tokens.sum() == 0:
-        tmp_tokens.unlink()
-        raise RetroError(f"the documents of {job.corpus} have no tokens")
-    if "first_chunk" not in entry:  # a new addition: it starts where the database ends now
-        entry.update(first_chunk=len(ws.chunks), first_doc=len(ws.doc_offsets) - 1)
-        manifest.setdefault("additions", []).append(entry)
-        write_manifest(job.root, manifest)
-    rows = [{"name": doc, "split": "added", "addition": entry["name"], "n_tokens": int(n)}
-            for doc, n in zip(names, n_tokens)]
-    first, first_doc = entry["first_chunk"], entry["first_doc"]
-    paths, doc_offsets = write_chunk_files(
-        job.root, tmp_tokens, n_tokens, np.arange(len(names)), rows, chunk_len=ws.chunk_len, dtype=dtype,
-        pad_id=ws.pad_id, keep=(first, first_doc),
-    )
-    tmp_tokens.unlink()
+    with scratch_file(job.root / "tokens.bin.tmp") as tmp_tokens:
+        n_tokens = tokenize_to_file(job.corpus, lm_tokenizer, tmp_tokens, dtype, np.zeros(len(names), bool), job.quiet)
+        if n_tokens.sum() == 0:
+            raise RetroError(f"the documents of {job.corpus} have no tokens")
+        if "first_chunk" not in entry:  # a new addition: it starts where the database ends now
+            entry.update(first_chunk=len(ws.chunks), first_doc=len(ws.doc_offsets) - 1)
+            manifest.setdefault("additions", []).append(entry)
+            write_manifest(job.root, manifest)
+        rows = [{"name": doc, "split": "added", "addition": entry["name"], "n_tokens": int(n)}
+                for doc, n in zip(names, n_tokens)]
+        first, first_doc = entry["first_chunk"], entry["first_doc"]
+        paths, doc_offsets = write_chunk_files(
+            job.root, tmp_tokens, n_tokens, np.arange(len(names)), rows, chunk_len=ws.chunk_len, dtype=dtype,
+            pad_id=ws.pad_id, keep=(first, first_doc),
+        )
     end = int(doc_offsets[-1])
     entry.update(range=[first, end], documents=len(names), chunks=end - first, tokens=int(n_tokens.sum()))
     return {"files": [p.name for p in paths]}
@@ -188,6 +186,7 @@ ADDITION_STEPS: tuple[tuple[str, Callable[[_Addition, dict, dict], dict]], ...] 
 
 # ----------------------------------------------------------------------------- the addition
 
+@holding_lock  # one writer at a time: a build or an addition running there refuses this one
 def add_documents(
     workspace: str | Path,
     corpus: str | Path,

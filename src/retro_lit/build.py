@@ -14,6 +14,7 @@ naming the setting. retro_lit.distributed runs the same stages over several proc
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from retro_lit.embeddings import embed_chunks
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, neighbors_key, open_workspace,
-                                 read_manifest, write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, holding_lock, neighbors_key,
+                                 open_workspace, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def run_index(build: Build, manifest: dict) -> dict:
 
 def run_neighbors(build: Build, manifest: dict) -> dict:
     ws, nprobe = open_workspace(build.root), manifest["stages"]["index"].get("nprobe")
-    return compute_neighbors(ws, build.num_neighbors, build.seq_len, nprobe=nprobe, quiet=build.quiet)[1]
+    paths, info = compute_neighbors(ws, build.num_neighbors, build.seq_len, nprobe=nprobe, quiet=build.quiet)
+    shutil.rmtree(paths[0].parent / "parts", ignore_errors=True)  # the query parts of a killed distributed build
+    return info
 
 
 BUILD_STAGES: tuple[tuple[str, Callable[[Build, dict], dict]], ...] = (
@@ -111,6 +114,7 @@ BUILD_STAGES: tuple[tuple[str, Callable[[Build, dict], dict]], ...] = (
 )
 
 
+@holding_lock  # a second build of the same workspace is refused, never interleaved
 def build_workspace(
     workspace: str | Path,
     corpus: str | Path,

@@ -31,7 +31,7 @@ from retro_lit.corpus import (Document, MinHash, iter_documents, near_duplicate_
                               text_segments)
 from retro_lit.progress import progress
 from retro_lit.tokenizer import LMTokenizer, load_tokenizer, train_bpe
-from retro_lit.workspace import SPLITS, RetroError, atomic_save
+from retro_lit.workspace import SPLITS, RetroError, atomic_save, scratch_file
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,16 @@ def chunk_corpus(
     else:
         lm_tokenizer = load_tokenizer(tokenizer)
     dtype = np.uint16 if lm_tokenizer.vocab_size <= 1 << 16 else np.uint32
-    tmp_tokens = root / "tokens.bin.tmp"
-    n_tokens = tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
-    if n_tokens.sum() < chunk_len:
-        tmp_tokens.unlink()
-        raise RetroError(f"the corpus has {n_tokens.sum()} tokens, shorter than one chunk ({chunk_len})")
+    with scratch_file(root / "tokens.bin.tmp") as tmp_tokens:
+        n_tokens = tokenize_to_file(corpus, lm_tokenizer, tmp_tokens, dtype, drop, quiet)  # (n_docs,) 0 if dropped
+        if n_tokens.sum() < chunk_len:
+            raise RetroError(f"the corpus has {n_tokens.sum()} tokens, shorter than one chunk ({chunk_len})")
 
-    kept = np.flatnonzero(~drop)
-    order = kept[np.argsort(labels[kept], kind="stable")]  # train docs, then val, then test; corpus order inside
-    rows = [{"name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])} for src in order]
-    paths, doc_offsets = write_chunk_files(root, tmp_tokens, n_tokens, order, rows, chunk_len=chunk_len,
-                                           dtype=dtype, pad_id=lm_tokenizer.pad_id, tokenizer=lm_tokenizer)
-    tmp_tokens.unlink()
+        kept = np.flatnonzero(~drop)
+        order = kept[np.argsort(labels[kept], kind="stable")]  # train docs, then val, then test; corpus order inside
+        rows = [{"name": names[src], "split": SPLITS[labels[src]], "n_tokens": int(n_tokens[src])} for src in order]
+        paths, doc_offsets = write_chunk_files(root, tmp_tokens, n_tokens, order, rows, chunk_len=chunk_len,
+                                               dtype=dtype, pad_id=lm_tokenizer.pad_id, tokenizer=lm_tokenizer)
     n_chunks = int(doc_offsets[-1])
 
     split_docs = np.bincount(labels[kept], minlength=3)

@@ -5,9 +5,11 @@
     retro-lit add-docs --workspace ws --corpus new-docs/          # grow the database of a trained model
     retro-lit evaluate --config eval.yaml --print_config   # any command: --help, --config, --print_config
 
-Bad input, in a flag or a config or a file, is one `error: ...` line on stderr and exit status 2.
+Bad input, in a flag or a config or a file, is one `error: ...` line on stderr and exit status 2; so is a full disk
+(the files written so far are kept, and the same command, rerun, resumes).
 """
 
+import errno
 import logging
 import sys
 from argparse import ArgumentError
@@ -63,5 +65,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(command.report(cli.command_result))
     except (RetroError, ArgumentError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on device{where}; free some space and rerun the same command: it resumes",
+              file=sys.stderr)
         return 2
     return 0

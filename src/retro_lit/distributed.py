@@ -13,9 +13,9 @@ workspace's files, so the workspace must be on a filesystem that all ranks see. 
 4. searches query parts r, r + W, ... (`neighbors/k{K}_t{T}/parts/<split>_<row>.npy`, skipped when on
    disk); rank 0 merges them into the split files (tmp + os.replace) and removes the parts.
 
-Only rank 0 writes `manifest.json`, and marks a stage done only after every rank reported its share on
-disk. A failed rank fails the stage on every rank (each raises); rerunning the same command resumes: the
-files already written are skipped. Blocks, parts and query batches do not depend on W, so a W-process
+Only rank 0 writes `manifest.json` (holding the workspace's lock all through), and marks a stage done only
+after every rank reported its share on disk. A failed rank fails the stage on every rank (each raises);
+rerunning the same command resumes: the files already written are skipped. Blocks, parts and query batches do not depend on W, so a W-process
 build writes the same bytes as a 1-process one.
 
 Launch: `devices * num_nodes` ranks. On each node Fabric spawns `devices` local ranks (its `ddp_spawn`;
@@ -25,6 +25,7 @@ cluster environments detect them), the current process is one rank and nothing i
 num_nodes` must then match the launcher's world size, as for `fit` (see docs/scaling.md).
 """
 
+import contextlib
 import datetime
 import logging
 import math
@@ -54,7 +55,8 @@ from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.embeddings import embed_chunks
 from retro_lit.index import fill_index_shard, finish_index_shards, num_index_shards, train_index_shards
 from retro_lit.neighbors import compute_neighbor_parts, merge_neighbor_parts, neighbor_parts
-from retro_lit.workspace import STAGES, RetroError, block_path, mark_stage, neighbors_key, open_workspace, stage_done
+from retro_lit.workspace import (STAGES, RetroError, block_path, mark_stage, neighbors_key, open_workspace, stage_done,
+                                 workspace_lock)
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +257,13 @@ def _run_rank(fabric: Fabric, job: _Job, devices: int) -> str | None:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
         logging.basicConfig(level=logging.WARNING, format=f"[rank {fabric.global_rank}] %(message)s")
-    try:
-        _build_ranked(fabric, job)
-    except RetroError as e:
-        return str(e)
+    with contextlib.ExitStack() as held:
+        try:
+            # rank 0 holds the workspace's lock all through; another build holding it fails every rank at once
+            _run_on_zero(fabric, lambda: held.enter_context(workspace_lock(job.root)))
+            _build_ranked(fabric, job)
+        except RetroError as e:
+            return str(e)
     return None
 
 

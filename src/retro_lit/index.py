@@ -21,6 +21,7 @@ are positions, is rebuilt once inside an `IndexIDMap` with the same keys. Recall
 grown database at the index's nprobe (`measure_recall`), which is not re-tuned.
 """
 
+import errno
 import logging
 import math
 import os
@@ -270,7 +271,12 @@ def measure_recall(
 
 def save_index(index: faiss.Index, path: Path) -> Path:
     with atomic_save(path) as tmp:
-        faiss.write_index(_to_cpu(index), str(tmp))
+        try:
+            faiss.write_index(_to_cpu(index), str(tmp))
+        except RuntimeError as e:  # faiss reports a failed write (a full disk) as a RuntimeError with strerror's text
+            if os.strerror(errno.ENOSPC) in str(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise
     return path
 
 

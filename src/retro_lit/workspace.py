@@ -17,19 +17,27 @@ Splits are contiguous chunk ranges, train first; documents added after the build
 the test split, one range per addition (`manifest["additions"]`). Every file is written through `atomic_save` (a `*.tmp`
 then `os.replace`), and a stage is recorded as done in the manifest only after its files are in place,
 so an interrupted build leaves finished files and temporary ones, never a half-written file under its name.
+A build or an addition holds `.lock` (`workspace_lock`) while it writes, so two never write at once.
 """
 
 import contextlib
+import functools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so builds of one workspace are not guarded against each other
+    fcntl = None
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 STAGES = ("chunks", "embeddings", "index", "neighbors")
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "valid": "val", "fit": "train"}
@@ -50,10 +58,81 @@ def atomic_save(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        begun = tmp.exists()
         tmp.unlink(missing_ok=True)
+        # a failed write (a full disk) names no file: name this one, the last begun of a group written together
+        if begun and isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     os.replace(tmp, path)
+
+
+
+@contextlib.contextmanager
+def scratch_file(path: str | Path) -> Iterator[Path]:
+    """Yield `path` (a `*.tmp` scratch file) and remove it when the block ends, whether it ran to its end or not:
+    a failed stage (a full disk) must not leave a corpus-sized file behind."""
+    try:
+        yield Path(path)
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+@contextlib.contextmanager
+def workspace_lock(root: str | Path) -> Iterator[None]:
+    """Hold `<root>/.lock` while writing the workspace; a `RetroError` naming the holder's pid if another process
+    holds it. It is an flock, which the kernel drops when its holder dies (even by SIGKILL), so a killed build
+    never blocks the next one. The holding process may take it again (it is reentrant); where it cannot be taken
+    (no fcntl, a folder that cannot be written) the build goes on unlocked, and its writes say what is wrong."""
+    root, made = Path(root), not Path(root).exists()
+    fd = _take_lock(root) if fcntl is not None else None
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        (root / LOCK).unlink(missing_ok=True)  # before the unlock, so a process that locks afterwards makes a new one
+        os.close(fd)
+        if made:  # a build refused before its first write leaves no empty folder
+            with contextlib.suppress(OSError):
+                root.rmdir()
+
+
+def _take_lock(root: Path) -> int | None:
+    """The locked file descriptor of `root/.lock`; None when this process holds it already or none can be made."""
+    path = root / LOCK
+    while True:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if holder == str(os.getpid()):
+                return None
+            raise RetroError(f"workspace {root} is in use: process {holder or '?'} holds {path}; wait for it to end, "
+                             "or stop it (a stopped build resumes when rerun)") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # its holder removed it while we waited to lock it: lock the new one
+
+
+def holding_lock(fn: Callable) -> Callable:
+    """Decorate `fn(workspace, ...)` to run holding the workspace's lock (`workspace_lock`)."""
+
+    @functools.wraps(fn)
+    def locked(workspace, *args, **kwargs):
+        with workspace_lock(workspace):
+            return fn(workspace, *args, **kwargs)
+
+    return locked
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
