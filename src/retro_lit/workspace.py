@@ -68,7 +68,6 @@ def atomic_save(path: str | Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
-
 @contextlib.contextmanager
 def scratch_file(path: str | Path) -> Iterator[Path]:
     """Yield `path` (a `*.tmp` scratch file) and remove it when the block ends, whether it ran to its end or not:
@@ -77,6 +76,7 @@ def scratch_file(path: str | Path) -> Iterator[Path]:
         yield Path(path)
     finally:
         Path(path).unlink(missing_ok=True)
+
 
 @contextlib.contextmanager
 def workspace_lock(root: str | Path) -> Iterator[None]:
