@@ -54,12 +54,14 @@ class RetroCLI(LightningCLI):
 
     `commands` maps more subcommand names to typed functions: their parameters become the subcommand's options
     (help from the docstring's `Args:`; a `bool` is a `--name`/`--no_name` flag), and the function runs with them;
-    `command_result` is what it returned.
+    `command_result` is what it returned. `only_commands` leaves out fit/validate/test/predict, whose parsers
+    (the Trainer's, the model's and the data's signatures and docstrings) take ~2 s to build: for a run of a command.
     """
 
-    def __init__(self, *args, commands: dict[str, Callable[..., object]] | None = None, **kwargs):
+    def __init__(self, *args, commands: dict[str, Callable[..., object]] | None = None, only_commands: bool = False,
+                 **kwargs):
         set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help
-        self.commands = commands or {}
+        self.commands, self.only_commands = commands or {}, only_commands
         self.command_result = None  # what the command's function returned
         kwargs.setdefault("model_class", RetroLM)
         kwargs.setdefault("datamodule_class", RetroDataModule)
@@ -76,7 +78,11 @@ class RetroCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
-        super()._add_subcommands(parser, **kwargs)
+        if self.only_commands:
+            self._subcommand_parsers = {}
+            parser.add_subcommands()
+        else:
+            super()._add_subcommands(parser, **kwargs)
         for name, function in self.commands.items():
             description = " ".join(inspect.getdoc(function).split("\n\n")[0].split())
             subparser = self.init_parser(description=description)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         # the arguments are all in `args`; a LightningCLI made inside a command (the demo's fit) must see no others
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             cli = RetroCLI(args=args, commands={name: c.run for name, c in COMMANDS.items()},
-                           parser_kwargs={"exit_on_error": False})
+                           only_commands=bool(args) and args[0] in COMMANDS, parser_kwargs={"exit_on_error": False})
             command = COMMANDS.get(cli.subcommand)
             if command is not None and command.report is not None:
                 print(command.report(cli.command_result))
