@@ -50,8 +50,9 @@ from retro_lit.embeddings import embed_chunks, keys_on_disk
 from retro_lit.index import add_keys, measure_recall, save_index
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import (FORMAT_VERSION, RetroError, check_settings, holding_lock, open_workspace,
-                                 read_manifest, scratch_file, write_manifest)
+from retro_lit.verify import check_workspace
+from retro_lit.workspace import (FORMAT_VERSION, RetroError, block_name, check_settings, holding_lock, open_workspace,
+                                 read_manifest, record_files, scratch_file, stage_files, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,15 @@ def _recompute_neighbors(job: _Addition, manifest: dict, entry: dict) -> dict:
     return {"sets": keys}
 
 
+def _step_files(manifest: dict, step: str, info: dict) -> list[str]:
+    """The files an addition's step rewrote (their records in the manifest are renewed)."""
+    if step == "embeddings":
+        return [block_name(b) for b in range(*info["blocks"])]
+    if step == "neighbors":
+        return [name for key in info["sets"] for name in stage_files(manifest, key)]
+    return stage_files(manifest, step)  # the chunk files, the index
+
+
 ADDITION_STEPS: tuple[tuple[str, Callable[[_Addition, dict, dict], dict]], ...] = (
     ("chunks", _add_chunks),
     ("embeddings", _add_embeddings),
@@ -185,6 +195,17 @@ ADDITION_STEPS: tuple[tuple[str, Callable[[_Addition, dict, dict], dict]], ...] 
 
 
 # ----------------------------------------------------------------------------- the addition
+
+def rewrite_added_chunks(root: str | Path, manifest: dict, quiet: bool = True) -> None:
+    """Append each finished addition's documents to chunk files that hold the build's only (rebuilt by
+    `retro_lit.repair`), in order, as their chunks steps did; each addition's corpus must be unchanged."""
+    for entry in manifest.get("additions", []):
+        if entry["stages"].get("chunks", {}).get("done"):
+            if corpus_fingerprint(entry["corpus"]) != entry["fingerprint"]:
+                raise RetroError(f"{entry['corpus']}, added to workspace {root} as {entry['name']!r}, has changed since: "
+                                 "the chunk files cannot be rebuilt from it; restore them from a copy")
+            _add_chunks(_Addition(Path(root), entry["corpus"], None, quiet, None), manifest, entry)
+
 
 @holding_lock  # one writer at a time: a build or an addition running there refuses this one
 def add_documents(
@@ -210,6 +231,7 @@ def add_documents(
     """
     root = Path(workspace)
     manifest = _built_manifest(root)
+    check_workspace(root, manifest)  # (an unfinished addition's rerun is let through: it rewrites its files)
     settings = manifest["settings"]
     if embedder is not None:
         check_settings(root, settings, {"embedder": embedder.name})
@@ -229,6 +251,7 @@ def add_documents(
         if on_step is not None:
             on_step(step)
         entry["stages"][step] = {**info, "done": True, "seconds": round(time.perf_counter() - step_start, 3)}
+        record_files(root, manifest, _step_files(manifest, step, info))
         write_manifest(root, manifest)
     entry.update(done=True, seconds=round(time.perf_counter() - start, 3))
     write_manifest(root, manifest)

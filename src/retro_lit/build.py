@@ -25,12 +25,13 @@ import numpy as np
 from retro_lit.chunks import chunk_corpus
 from retro_lit.corpus import corpus_fingerprint
 from retro_lit.embedder import BERTForChunkEmbeddings
-from retro_lit.embeddings import embed_chunks
+from retro_lit.embeddings import embed_chunks, embedding_info
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, holding_lock, neighbors_key,
-                                 open_workspace, read_manifest, write_manifest)
+from retro_lit.verify import check_workspace
+from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, finish_stage, holding_lock,
+                                 neighbors_key, open_workspace, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,7 @@ def run_embeddings(build: Build, manifest: dict) -> dict:
     start = time.perf_counter()
     n_new = sum(len(np.load(p, mmap_mode="r")) for p in embed_chunks(build.root, build.embedder, quiet=build.quiet))
     return {
-        "dim": build.embedder.dim,
-        "dtype": "float16",
+        **embedding_info(build.embedder),
         "blocks": math.ceil(manifest["counts"]["chunks"] / build.block_size),
         "chunks_per_s": round(n_new / max(time.perf_counter() - start, 1e-9), 1),
     }
@@ -162,8 +162,7 @@ def build_workspace(
         if not manifest["stages"].get(key, {}).get("done"):
             start = time.perf_counter()
             info = run(build, manifest)
-            manifest["stages"][key] = {**info, "done": True, "seconds": round(time.perf_counter() - start, 3)}
-            write_manifest(build.root, manifest)
+            finish_stage(build.root, manifest, key, info | {"seconds": round(time.perf_counter() - start, 3)})
             built_now = True
         if name == until:
             break
@@ -184,6 +183,7 @@ def start_manifest(root: Path, settings: dict) -> dict:
                 f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"
             )
         check_settings(root, manifest["settings"], settings)
+        check_workspace(root, manifest)  # a resumed build stands on its finished stages' files: are they whole?
         return manifest
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from retro_lit.build import build_workspace
 from retro_lit.tokenizer import tokenizer_vocab_size, workspace_tokenizer
+from retro_lit.verify import checked_workspace
 from retro_lit.workspace import SPLITS, RetroError, open_workspace
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ class RetroDataModule(L.LightningDataModule):
     def check_workspace(self) -> None:
         """Fail with one clear message if the workspace is missing, unfinished or built with other settings."""
         hp = self.hparams
-        ws = open_workspace(hp.workspace)  # raises RetroError when missing or incomplete
+        ws = checked_workspace(hp.workspace)  # raises RetroError when missing, incomplete or damaged
         if ws.chunk_len != hp.chunk_size:
             raise RetroError(
                 f"workspace {hp.workspace} was built with chunk_len {ws.chunk_len}, but data.chunk_size is "

@@ -30,7 +30,8 @@ from retro_lit.embedder import resolve_device
 from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.retrofit import RetroFitModel
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import SPLIT_ALIASES, SPLITS, RetroError, Workspace, open_workspace
+from retro_lit.verify import checked_workspace
+from retro_lit.workspace import SPLIT_ALIASES, SPLITS, RetroError, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def diagnose_workspace(
             raise RetroError(f"--{flag} must be positive, got {value}")
     if SPLIT_ALIASES.get(split, split) not in SPLITS:
         raise RetroError(f"--split must be train, validation or test, got {split!r}")
-    ws = open_workspace(workspace)
+    ws = checked_workspace(workspace)
     model, data_hparams = None, {}
     if ckpt_path:
         torch_device = resolve_device(device)

@@ -52,11 +52,13 @@ from lightning.fabric.strategies import DDPStrategy
 
 from retro_lit.build import Build, build_summary, build_workspace, format_summary
 from retro_lit.embedder import BERTForChunkEmbeddings
-from retro_lit.embeddings import embed_chunks
+from retro_lit.embeddings import embed_chunks, embedding_info
 from retro_lit.index import fill_index_shard, finish_index_shards, num_index_shards, train_index_shards
 from retro_lit.neighbors import compute_neighbor_parts, merge_neighbor_parts, neighbor_parts
-from retro_lit.workspace import (STAGES, RetroError, block_path, mark_stage, neighbors_key, open_workspace, stage_done,
-                                 workspace_lock)
+from retro_lit.repair import format_verify, repair_workspace, verify_workspace
+from retro_lit.verify import describe_units
+from retro_lit.workspace import (STAGES, RetroError, block_path, mark_stage, neighbors_key, open_workspace,
+                                 read_manifest, stage_done, workspace_lock)
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +393,7 @@ def _mark_embeddings(root: Path, embedder, n_blocks: int, n_new: int, seconds: f
     if missing:
         raise RuntimeError(f"embedding blocks {missing[:5]} are missing after every rank finished")
     info = {
-        "dim": embedder.dim,
-        "dtype": "float16",
+        **embedding_info(embedder),
         "blocks": n_blocks,
         "chunks_per_s": round(n_new / max(seconds, 1e-9), 1),
         "seconds": round(seconds, 3),
@@ -421,8 +422,8 @@ def _cpus() -> int:
 
 
 def build_db(  # the defaults are the build's own (build.Build), declared once
-    corpus: str,
     workspace: str,
+    corpus: str | None = None,
     tokenizer: str = Build.tokenizer,
     chunk_size: int = Build.chunk_len,
     embedder: str | None = None,
@@ -435,15 +436,18 @@ def build_db(  # the defaults are the build's own (build.Build), declared once
     batch_size: int = 128,
     block_size: int = Build.block_size,
     index_shards: int = 1,
+    verify: bool = False,
+    verify_sample: float = 0.0,
+    repair: bool = False,
     trainer: Placement = Placement(),
     quiet: bool = False,
 ) -> None:
-    """Build or resume a retrieval database (workspace).
+    """Build or resume a retrieval database (workspace); verify or repair a built one.
 
     Args:
-        corpus: file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' or
-            'linux-doc'.
         workspace: output folder (resumed when it exists).
+        corpus: file, folder, .jsonl, .parquet, HF dataset folder, 'python-stdlib[:pkg,...]', 'shakespeare' or
+            'linux-doc'; default: the workspace's own (for --verify, --repair, or a resume).
         tokenizer: bpe:N (trained on the train split), bytes, smollm2, or a local tokenizer.
         chunk_size: tokens per chunk (M).
         embedder: BERT model folder or cached name (default all-MiniLM-L6-v2).
@@ -456,10 +460,35 @@ def build_db(  # the defaults are the build's own (build.Build), declared once
         batch_size: embedder batch size.
         block_size: chunks per embedding block and per neighbour query part.
         index_shards: write the index as N shards (searched as one faiss IndexShards).
+        verify: check every file's size and sha256 against the manifest, name each damaged one; build nothing.
+        verify_sample: with --verify, also recompute this fraction of the embedding blocks and neighbour query
+            parts and compare them bit for bit (loads the embedder).
+        repair: check every file as --verify does and redo exactly the damaged units (embedding blocks, index
+            shards, neighbour splits, the chunks stage); build nothing else.
         trainer: where the build runs, spelled like Lightning's trainer flags (docs/scaling.md).
         quiet: no progress bars or build summary.
     """
     logging.getLogger("retro_lit").setLevel(logging.WARNING if quiet else logging.INFO)
+    manifest = read_manifest(workspace) if Path(workspace).is_dir() else None
+    if corpus is None and manifest is None:
+        raise RetroError(f"--corpus is needed: {workspace} holds no workspace yet")
+    corpus = corpus or manifest["settings"]["corpus"]
+
+    def recorded_embedder(info: dict) -> BERTForChunkEmbeddings:  # the keys' embedder, batches and precision
+        return BERTForChunkEmbeddings(embedder or manifest["settings"]["embedder"], "cpu",
+                                      batch_size=info.get("batch_size", batch_size),
+                                      dtype=getattr(torch, info.get("precision", "bfloat16")))
+
+    if verify or verify_sample > 0:
+        report = verify_workspace(workspace, recorded_embedder, sample=verify_sample, seed=seed)
+        if report["damaged"] or report["mismatched"]:
+            raise RetroError(format_verify(report))
+        print(format_verify(report))
+        return
+    if repair:
+        damage = repair_workspace(workspace, recorded_embedder, quiet=quiet)
+        print(f"workspace {workspace}: " + (f"redid {describe_units(damage)}" if damage else "nothing damaged"))
+        return
     build_workspace_distributed(
         workspace, corpus, placement=trainer, index_shards=index_shards, tokenizer=tokenizer, chunk_len=chunk_size,
         embedder=embedder, index=index, num_neighbors=num_neighbors, seq_len=seq_len, split=split, seed=seed,

@@ -51,7 +51,8 @@ from retro_lit.index import RetroIndex, index_files, load_index, search_excludin
 from retro_lit.plots import write_evaluation_plots
 from retro_lit.progress import progress
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import SPLIT_ALIASES, RetroError, open_workspace
+from retro_lit.verify import checked_workspace
+from retro_lit.workspace import SPLIT_ALIASES, RetroError
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +409,7 @@ def evaluate_checkpoint(
         raise RetroError("--neighbors and --alphas must be non-empty, --neighbors values and --leakage_k positive")
     torch_device = resolve_device(device)
     model, data_hparams = load_checkpoint(ckpt_path, torch_device)
-    ws = open_workspace(workspace)
+    ws = checked_workspace(workspace)
     seq_len = seq_len or data_hparams.get("seq_len")
     if not seq_len or seq_len % ws.chunk_len or ws.chunk_len != model.chunk_len:
         raise RetroError(f"--seq_len ({seq_len}) must be a multiple of the chunk length {ws.chunk_len}, which must "
@@ -505,7 +506,7 @@ def leakage_demonstration(workspace: str | Path, model: nn.Module, scratch: str 
     paper's 10 neighbours, so bpb(alpha) and bpb above alpha say whether a drop comes from high-overlap chunks.
     Returns {"k", "seq_len", "edit_rate", "databases": {name: `evaluate_documents` result}}.
     """
-    ws = open_workspace(workspace)
+    ws = checked_workspace(workspace)
     lm_tokenizer = workspace_tokenizer(ws)
     documents = capped(workspace_documents(ws, "test"), max_tokens)
     if embedder is None:

@@ -27,7 +27,8 @@ from retro_lit.embedder import resolve_device
 from retro_lit.index import RetroIndex
 from retro_lit.lit import load_checkpoint_dict, retro_lm_from_checkpoint
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import RetroError, open_workspace
+from retro_lit.verify import checked_workspace
+from retro_lit.workspace import RetroError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def generate_text(
         raise RetroError("--max_new_tokens must be >= 0 and --neighbors > 0")
     torch_device = resolve_device(device)
     model, data_hparams = load_checkpoint(ckpt_path, torch_device)
-    ws = open_workspace(workspace)
+    ws = checked_workspace(workspace)
     if ws.chunk_len != model.chunk_len:
         raise RetroError(f"the checkpoint has chunk_len {model.chunk_len}, workspace {workspace} has {ws.chunk_len}")
     if prompt.startswith("@"):

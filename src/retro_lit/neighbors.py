@@ -18,6 +18,7 @@ the same either way, so a distributed build writes the same bytes as a single-pr
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,7 @@ def part_path(root: str | Path, split: str, a: int, k: int, seq_len: int) -> Pat
     return neighbors_path(root, split, k, seq_len).parent / "parts" / f"{split}_{a:012d}.npy"
 
 
-def _search_part(ws: Workspace, index, split: str, a: int, b: int, k: int, seq_len: int) -> np.ndarray:
+def search_part(ws: Workspace, index, split: str, a: int, b: int, k: int, seq_len: int) -> np.ndarray:
     """Neighbours of rows [a, b) of a split -> (b - a, K) int64, in batches of at most QUERY_BATCH."""
     first = ws.split_range(split)[0]
     lo, hi = excluded_ranges(ws, split, seq_len, a, b)  # (b - a,) each
@@ -84,19 +85,19 @@ def _load_workspace_index(ws: Workspace, nprobe: int | None, device: int | None 
 
 
 def compute_neighbors(
-    ws: Workspace, k: int, seq_len: int, *, nprobe: int | None = None, quiet: bool = True
+    ws: Workspace, k: int, seq_len: int, *, nprobe: int | None = None, quiet: bool = True, splits=SPLITS
 ) -> tuple[list[Path], dict]:
-    """Write the neighbours of every split; returns (paths, info with queries_per_s)."""
+    """Write the neighbours of every split (or of `splits`); returns (paths, info with queries_per_s)."""
     index = _load_workspace_index(ws, nprobe)
     paths, n_queries, start = [], 0, time.perf_counter()
     parts = neighbor_parts(ws)
-    for split in SPLITS:
+    for split in splits:
         first, end = ws.split_range(split)
         mine = [(a, b) for s, a, b in parts if s == split]
 
         def fill(out: np.ndarray) -> None:  # (n_split, K)
             for a, b in progress(mine, desc=f"neighbors {split}", unit="part", disable=quiet):
-                out[a:b] = _search_part(ws, index, split, a, b, k, seq_len)
+                out[a:b] = search_part(ws, index, split, a, b, k, seq_len)
 
         paths.append(_write_split_file(neighbors_path(ws.root, split, k, seq_len), (end - first, k), fill))
         n_queries += end - first
@@ -130,7 +131,7 @@ def compute_neighbor_parts(
     for split, a, b in todo:
         path = part_path(ws.root, split, a, k, seq_len)
         path.parent.mkdir(parents=True, exist_ok=True)
-        written.append(save_npy(path, _search_part(ws, index, split, a, b, k, seq_len)))
+        written.append(save_npy(path, search_part(ws, index, split, a, b, k, seq_len)))
         if on_part is not None:
             on_part(path)
     return written
@@ -158,6 +159,9 @@ def _write_split_file(path: Path, shape: tuple[int, int], fill: Callable[[np.nda
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_save(path) as tmp:
         out = np.lib.format.open_memmap(tmp, "w+", np.int64, shape)
+        if hasattr(os, "posix_fallocate"):  # a full disk fails here, as ENOSPC, not as a SIGBUS inside `fill`
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
         fill(out)
         out.flush()
         del out  # closed before the file is renamed

@@ -13,6 +13,9 @@ it, and it imports nothing of retro_lit. Layout of a workspace:
     index.faiss | index_shards/      the faiss index over the database: the train chunks and the added ones
     neighbors/k{K}_t{T}/<split>.npy  (n_chunks_of_split, K) int64 precomputed neighbours, -1 = none
 
+`manifest["files"]` records the size and sha256 of every file a finished stage or addition step wrote (hashed as
+the stage ends, from the page cache), so that `retro_lit.verify` can tell a damaged file from a good one.
+
 Splits are contiguous chunk ranges, train first; documents added after the build (`retro_lit.additions`) follow
 the test split, one range per addition (`manifest["additions"]`). Every file is written through `atomic_save` (a `*.tmp`
 then `os.replace`), and a stage is recorded as done in the manifest only after its files are in place,
@@ -22,7 +25,9 @@ A build or an addition holds `.lock` (`workspace_lock`) while it writes, so two 
 
 import contextlib
 import functools
+import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -177,9 +182,42 @@ def check_settings(root: str | Path, built: dict, wanted: dict) -> None:
 
 def mark_stage(root: str | Path, name: str, info: dict) -> Path:
     """Record stage `name` as done with `info` (its files must already be on disk)."""
-    manifest = read_manifest(root)
+    return finish_stage(root, read_manifest(root), name, info)
+
+
+def finish_stage(root: str | Path, manifest: dict, name: str, info: dict) -> Path:
+    """Record stage `name` of `manifest` as done with `info`, with the sizes and hashes of its files, and write it."""
     manifest["stages"][name] = {**info, "done": True}
+    record_files(root, manifest, stage_files(manifest, name))
     return write_manifest(root, manifest)
+
+
+def file_record(path: str | Path) -> dict:
+    """{"size", "sha256"} of a file."""
+    with open(path, "rb") as f:
+        return {"size": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def record_files(root: str | Path, manifest: dict, files: list[str]) -> None:
+    """Record in `manifest["files"]` the size and hash of each file (paths relative to the workspace)."""
+    manifest.setdefault("files", {}).update({name: file_record(Path(root) / name) for name in files})
+
+
+def embedded_end(manifest: dict) -> int:
+    """End of the chunk ids whose keys are in the embedding blocks: the build's, then each embedded addition's."""
+    ends = [a["range"][1] for a in manifest.get("additions", []) if a["stages"].get("embeddings", {}).get("done")]
+    return max([int(manifest["counts"]["chunks"]), *ends])
+
+
+def stage_files(manifest: dict, name: str) -> list[str]:
+    """The files (relative paths) that stage `name` ("chunks", "embeddings", "index", "neighbors/k*_t*") holds now."""
+    info = manifest["stages"][name]
+    if name == "embeddings":
+        blocks = math.ceil(embedded_end(manifest) / int(manifest["settings"]["block_size"]))
+        return [block_name(b) for b in range(blocks)]
+    if name == "index":
+        return list(info["files"]) if info.get("shards", 1) > 1 else ["index.faiss"]
+    return list(info["files"])  # the chunk files, a neighbour set's split files
 
 
 def stage_done(root: str | Path, name: str) -> bool:
@@ -187,8 +225,12 @@ def stage_done(root: str | Path, name: str) -> bool:
     return bool(manifest and manifest["stages"].get(name, {}).get("done"))
 
 
+def block_name(block: int) -> str:
+    return f"embeddings/block_{block:05d}.npy"
+
+
 def block_path(root: str | Path, block: int) -> Path:
-    return Path(root) / "embeddings" / f"block_{block:05d}.npy"
+    return Path(root) / block_name(block)
 
 
 def neighbors_key(k: int, seq_len: int) -> str:
