@@ -16,7 +16,8 @@ with a learned weight: a built-in previous-token head, the "smeared key" shortcu
 `pointer` (a copy head beside the LM: position p attends, with CCA's causality, over the K*R neighbour tokens,
 matching (x_{p-1}, x_p) against (n_{j-2}, n_{j-1}) in a learned embedding, and puts that attention on n_j;
 p = (1-g) p_LM + g p_copy with a learned gate g(h_p). Not RETRO: an upper bound on what copying from these
-neighbours can buy after these steps).
+neighbours can buy after these steps); `induction` (RETRO, initialised: the first CCA layer starts as an
+induction head over the neighbours, see `induction_init`).
 
     python benchmarks/copy_probe.py --workspace W --kfile 4 --k 1 --copy_rate 0.5 --tie tied --cca_value_init 0.05
 
@@ -34,7 +35,7 @@ from torch import nn
 
 from retro_lit.data import RetroDataset
 from retro_lit.lit import warmup_cosine
-from retro_lit.model import RetroConfig, RetroModel, rope_cos_sin
+from retro_lit.model import RESIDUAL_PROJECTIONS, RetroConfig, RetroModel, rope_cos_sin
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import open_workspace
 
@@ -62,7 +63,34 @@ def build_model(args, vocab_size: int, chunk_len: int) -> RetroModel:
                 block.cca.project = types.MethodType(smeared_project, block.cca)
     elif args.lever == "pointer":
         model.pointer = PointerHead(vocab_size, config.d_model)
+    elif args.lever == "induction":
+        induction_init(model, config)
     return model
+
+
+def induction_init(model: RetroModel, config: RetroConfig, scale: float = 1.7, out_scale: float = 0.05) -> None:
+    """An induction head in the first CCA layer at step 0: the query is the current token x_p, the key of
+    neighbour token j is token j-1 (smeared key, weight sigmoid(-4) on token j), the value is token j, and the
+    tied output head turns the value into a vote for n_j. So where n_{j-1} == x_p, CCA predicts x_{p+1} = n_j.
+    For the token identities to reach the CCA unmixed, the encoder and the decoder blocks up to that layer
+    start with zero residual projections (they start as the identity). scale: q = k = scale * I per head
+    (a match scores ~4 scale^2 after rotary); out_scale: the CCA output projection."""
+    model.lm_head.weight = model.token_emb.weight
+    first = min(config.cca_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            in_front = name.startswith("encoder.") or any(name.startswith(f"blocks.{i}.") for i in range(first + 1))
+            if in_front and name.endswith(RESIDUAL_PROJECTIONS) and ".cca." not in name:
+                p.zero_()
+        cca = model.blocks[first].cca
+        eye = torch.eye(cca.attn.query.weight.shape[0], cca.attn.query.weight.shape[1])
+        cca.attn.query.weight.copy_(scale * eye)
+        half = cca.attn.key_value.weight.shape[0] // 2
+        cca.attn.key_value.weight[:half].copy_(scale * eye)
+        cca.attn.key_value.weight[half:].copy_(eye)
+        cca.attn.out.weight.copy_(out_scale * eye.T)
+        cca.smear = nn.Parameter(torch.tensor([-4.0]))
+        cca.project = types.MethodType(smeared_project, cca)
 
 
 def smeared_project(cca, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +173,9 @@ def batch(ds: RetroDataset, rows, k: int, slots: str):
 
 
 @torch.no_grad()
-def losses(model: RetroModel, ds: RetroDataset, k: int, slots: str, n: int = 24) -> tuple[float, float]:
+def losses(model: RetroModel, ds: RetroDataset, k: int, slots: str, bf16: bool, n: int = 24) -> tuple[float, float]:
     x, y, neighbors = batch(ds, np.random.default_rng(1).choice(len(ds), min(n, len(ds)), replace=False), k, slots)
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         return model_loss(model, x, y, neighbors).item(), model_loss(model, x, y, None).item()
 
 
@@ -161,13 +189,15 @@ def main() -> None:
     p.add_argument("--tie", choices=("none", "tied", "init"), default="none")
     p.add_argument("--cca_value_init", type=float, default=0.0)
     p.add_argument("--retrieval_lr_scale", type=float, default=1.0)
-    p.add_argument("--lever", choices=("none", "smear", "pointer"), default="none")
+    p.add_argument("--lever", choices=("none", "smear", "pointer", "induction"), default="none")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("bf16", "32"), default="bf16",
+                   help="32 on CPUs without AVX-512 bf16, where bf16 autocast is emulated and slower")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -181,7 +211,8 @@ def main() -> None:
     for step in range(args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            (probe_on, probe_off), (val_on, val_off) = losses(model, probe, args.k, "last"), losses(model, val, args.k, "first")
+            (probe_on, probe_off), (val_on, val_off) = (losses(model, probe, args.k, "last", args.precision == "bf16"),
+                                                     losses(model, val, args.k, "first", args.precision == "bf16"))
             model.train()
             print(f"step {step:4d} {time.time() - start:6.0f}s  copy probe ON {probe_on:.3f} OFF {probe_off:.3f}  "
                   f"val ON {val_on:.3f} OFF {val_off:.3f}", flush=True)
@@ -192,7 +223,7 @@ def main() -> None:
             group["lr"] = args.lr * scale * group["lr_scale"]
         x, y, neighbors = batch(train, rng.choice(len(train), args.batch_size, replace=False), args.k,
                                 "copy" if args.copy_rate > 0 else "first")
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bf16"):
             loss = model_loss(model, x, y, neighbors)
         opt.zero_grad(set_to_none=True)
         loss.backward()
