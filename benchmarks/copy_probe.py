@@ -17,7 +17,7 @@ with a learned weight: a built-in previous-token head, the "smeared key" shortcu
 matching (x_{p-1}, x_p) against (n_{j-2}, n_{j-1}) in a learned embedding, and puts that attention on n_j;
 p = (1-g) p_LM + g p_copy with a learned gate g(h_p). Not RETRO: an upper bound on what copying from these
 neighbours can buy after these steps); `induction` (RETRO, initialised: the first CCA layer starts as an
-induction head over the neighbours, see `induction_init`).
+induction head over the neighbours: `model.config.cca_init: induction`, see `retro_lit.model.induction_init`).
 
     python benchmarks/copy_probe.py --workspace W --kfile 4 --k 1 --copy_rate 0.5 --tie tied --cca_value_init 0.05
 
@@ -26,7 +26,6 @@ W must hold neighbours for `--kfile` and `--seq_len` (retro-lit build-db --num_n
 
 import argparse
 import time
-import types
 
 import numpy as np
 import torch
@@ -35,14 +34,16 @@ from torch import nn
 
 from retro_lit.data import RetroDataset
 from retro_lit.lit import warmup_cosine
-from retro_lit.model import RESIDUAL_PROJECTIONS, RetroConfig, RetroModel, rope_cos_sin
+from retro_lit.model import RetroConfig, RetroModel
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import open_workspace
 
 
 def build_model(args, vocab_size: int, chunk_len: int) -> RetroModel:
+    induction = args.lever == "induction"
     config = RetroConfig(vocab_size=vocab_size, chunk_size=chunk_len, d_model=256, n_layer=4, n_head=4, head_dim=64,
-                         d_ff=1024, cca_layers=(1, 3), enc_n_layer=2, enc_cross_layers=(0,))
+                         d_ff=1024, cca_layers=(1, 3), enc_n_layer=2, enc_cross_layers=(0,), tie_embeddings=induction,
+                         cca_init="induction" if induction else "normal")
     model = RetroModel.from_config(config)
     with torch.no_grad():
         if args.tie == "tied":
@@ -59,50 +60,10 @@ def build_model(args, vocab_size: int, chunk_len: int) -> RetroModel:
     if args.lever == "smear":
         for block in model.blocks:
             if block.cca is not None:
-                block.cca.smear = nn.Parameter(torch.zeros(1))  # key weight sigmoid(0) = 1/2 on token j
-                block.cca.project = types.MethodType(smeared_project, block.cca)
+                block.cca.key_smear = nn.Parameter(torch.zeros(1))  # key weight sigmoid(0) = 1/2 on token j
     elif args.lever == "pointer":
         model.pointer = PointerHead(vocab_size, config.d_model)
-    elif args.lever == "induction":
-        induction_init(model, config)
     return model
-
-
-def induction_init(model: RetroModel, config: RetroConfig, scale: float = 1.7, out_scale: float = 0.05) -> None:
-    """An induction head in the first CCA layer at step 0: the query is the current token x_p, the key of
-    neighbour token j is token j-1 (smeared key, weight sigmoid(-4) on token j), the value is token j, and the
-    tied output head turns the value into a vote for n_j. So where n_{j-1} == x_p, CCA predicts x_{p+1} = n_j.
-    For the token identities to reach the CCA unmixed, the encoder and the decoder blocks up to that layer
-    start with zero residual projections (they start as the identity). scale: q = k = scale * I per head
-    (a match scores ~4 scale^2 after rotary); out_scale: the CCA output projection."""
-    model.lm_head.weight = model.token_emb.weight
-    first = min(config.cca_layers)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            in_front = name.startswith("encoder.") or any(name.startswith(f"blocks.{i}.") for i in range(first + 1))
-            if in_front and name.endswith(RESIDUAL_PROJECTIONS) and ".cca." not in name:
-                p.zero_()
-        cca = model.blocks[first].cca
-        eye = torch.eye(cca.attn.query.weight.shape[0], cca.attn.query.weight.shape[1])
-        cca.attn.query.weight.copy_(scale * eye)
-        half = cca.attn.key_value.weight.shape[0] // 2
-        cca.attn.key_value.weight[:half].copy_(scale * eye)
-        cca.attn.key_value.weight[half:].copy_(eye)
-        cca.attn.out.weight.copy_(out_scale * eye.T)
-        cca.smear = nn.Parameter(torch.tensor([-4.0]))
-        cca.project = types.MethodType(smeared_project, cca)
-
-
-def smeared_project(cca, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CCA keys/values of memory (B, Lc, K*R, E) whose key j is a learned mix of the keys of tokens j and j-1."""
-    B, Lc, KR, E = memory.shape
-    R = 2 * cca.chunk_len
-    per_neighbor = memory.view(B, Lc, KR // R, R, E)
-    prev = torch.cat([torch.zeros_like(per_neighbor[:, :, :, :1]), per_neighbor[:, :, :, :-1]], dim=3).view_as(memory)
-    rope = rope_cos_sin(torch.arange(KR, device=memory.device) % R, cca.head_dim, cca.rope_base)
-    k, v = cca.attn.project_kv(memory, rope)
-    a = torch.sigmoid(cca.smear)
-    return a * k + (1 - a) * cca.attn.project_kv(prev, rope)[0], v
 
 
 class PointerHead(nn.Module):

@@ -192,9 +192,13 @@ def test_bf16_autocast_forward_backward(tiny):
     assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
-def test_kv_cache_matches_full_forward(tiny):
+@pytest.mark.parametrize("cca_init", ["normal", "induction"])  # induction: smeared keys in the first CCA layer
+def test_kv_cache_matches_full_forward(tiny, cca_init):
     """Prefill + one token at a time, retrieving as chunks complete, equals one full forward."""
-    model = tiny()
+    model = tiny(cca_init=cca_init, tie_embeddings=cca_init == "induction")
+    if cca_init == "induction":  # move the identity inits off their special values, so every path counts
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
     T = 15
     tokens, neighbors = random_batch(T=T, n_chunks=T // M)
     full = model(tokens, neighbors)
@@ -227,6 +231,8 @@ def test_config_validation_names_the_flag():
         RetroConfig(n_layer=2, cca_layers=(5,))
     with pytest.raises(ValueError, match="`model.config.enc_cross_layers`"):  # a shared EncoderConfig field
         RetroConfig(enc_n_layer=1, enc_cross_layers=(1,))
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        RetroConfig(cca_init="induction")
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -304,3 +310,25 @@ def test_model_learns_to_copy_from_its_neighbors(tiny):
         loss.backward()
         opt.step()
     assert nll[:, 16:].mean() < 0.8 * math.log(V)  # positions that can see a continuation
+
+
+@pytest.mark.parametrize("cca_init", ["normal", "induction"])
+def test_induction_init_copies_before_any_training(tiny, cca_init):
+    """cca_init=induction starts the first CCA layer as an induction head: before any step, positions whose
+    neighbour holds [their chunk, its continuation] predict the next token well below ln V (random tokens), and
+    retrieval OFF stays at ln V. The normal init is the control: ON equals OFF."""
+    torch.manual_seed(0)
+    V, L, Mc = 256, 4, 8
+    model = tiny(vocab_size=V, chunk_size=Mc, d_model=64, n_head=2, head_dim=32, d_ff=256, enc_n_layer=1,
+                 tie_embeddings=True, cca_init=cca_init)
+    x = torch.randint(0, V, (8, (L + 1) * Mc + 1))
+    chunks = x[:, :(L + 1) * Mc].view(8, L + 1, Mc)
+    neighbors = torch.cat([chunks[:, :L], chunks[:, 1:]], dim=-1)[:, :, None]  # (B, L, 1, 2M)
+    with torch.no_grad():
+        (_, on), (_, off) = (model.loss(x[:, :L * Mc], x[:, 1:L * Mc + 1], n) for n in (neighbors, None))
+    on, off = on[:, Mc:].mean().item(), off[:, Mc:].mean().item()  # positions that read a neighbour
+    assert abs(off - math.log(V)) < 0.2
+    if cca_init == "induction":
+        assert on < off - 0.5  # 4.4 vs 5.6 nats at this width; 2.2 vs 5.6 at d_model = 256
+    else:
+        assert abs(on - off) < 0.05

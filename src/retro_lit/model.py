@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,10 @@ class RetroConfig(EncoderConfig):
     """Dropout on residual branches and attention weights."""
     tie_embeddings: bool = False
     """Share the token embedding with the output head."""
+    cca_init: Literal["normal", "induction"] = "normal"
+    """How CCA starts. `induction`: the first CCA layer starts as an induction head over the neighbours (where
+    neighbour token j-1 equals the current token, it votes for token j) and the layers in front of it as the
+    identity, so copies pay from step 0 (`induction_init`; docs/retrieval.md). Needs tie_embeddings."""
 
     def __post_init__(self):
         self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
@@ -128,6 +132,11 @@ class RetroConfig(EncoderConfig):
         super().__post_init__()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`model.config.dropout` must be in [0, 1), got {self.dropout}")
+        if self.cca_init not in ("normal", "induction"):
+            raise ValueError(f"`model.config.cca_init` must be normal or induction, got {self.cca_init!r}")
+        if self.cca_init == "induction" and not (self.cca_layers and self.tie_embeddings):
+            raise ValueError("`model.config.cca_init: induction` needs cca_layers and tie_embeddings: true "
+                             "(the tied head turns the copied token's embedding into a vote for it)")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -294,19 +303,28 @@ class NearestNeighborEncoder(nn.Module):
 # ----------------------------------------------------------------------------- chunked cross-attention
 
 class ChunkedCrossAttention(nn.Module):
-    """CCA: token p attends to the encoded neighbours of chunk u = (p + 1) // M - 1 (none if u < 0)."""
+    """CCA: token p attends to the encoded neighbours of chunk u = (p + 1) // M - 1 (none if u < 0).
+    key_smear: the key of neighbour token j mixes in token j-1's with a learned weight (a built-in previous-token
+    head: the induction-head match "n_{j-1} == x_p, read n_j" becomes one attention step)."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, chunk_len: int, d_memory: int,
-                 dropout: float = 0.0, rope_base: float = 10000.0):
+                 dropout: float = 0.0, rope_base: float = 10000.0, key_smear: bool = False):
         super().__init__()
         self.chunk_len, self.head_dim, self.rope_base = chunk_len, head_dim, rope_base
         self.attn = Attention(d_model, n_head, head_dim, d_context=d_memory, dropout=dropout)
+        self.key_smear = nn.Parameter(torch.zeros(1)) if key_smear else None  # weight sigmoid(.) on token j's key
 
     def project(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values of encoded neighbours (B, Lc, K*R, E) -> each (B, Lc, H, K*R, Dh); neighbour
         token j at rotary position j (R = 2M tokens per neighbour)."""
-        positions = torch.arange(memory.shape[2], device=memory.device) % (2 * self.chunk_len)
-        return self.attn.project_kv(memory, rope_cos_sin(positions, self.head_dim, self.rope_base))
+        R = 2 * self.chunk_len
+        rope = rope_cos_sin(torch.arange(memory.shape[2], device=memory.device) % R, self.head_dim, self.rope_base)
+        if self.key_smear is None:
+            return self.attn.project_kv(memory, rope)
+        k, v = self.attn.key_value(memory).chunk(2, dim=-1)  # (B, Lc, K*R, H*Dh)
+        prev = F.pad(k.unflatten(2, (-1, R))[..., :-1, :], (0, 0, 1, 0)).flatten(2, 3)  # token j-1's key; 0 at j = 0
+        a = torch.sigmoid(self.key_smear).to(k.dtype)
+        return apply_rope(self.attn.heads(a * k + (1 - a) * prev), *rope), self.attn.heads(v)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor, start: int = 0, first_chunk: int = 0) -> Tensor:
         """x: (B, t, D) states at absolute positions start..start+t-1; kv: projected neighbours of
@@ -361,12 +379,13 @@ class DecoderBlock(nn.Module):
     """Pre-norm block: self-attention, then (in CCA layers) chunked cross-attention, then feed-forward."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, d_ff: int, chunk_len: int, cca: bool,
-                 d_memory: int, dropout: float, norm_eps: float, rope_base: float):
+                 d_memory: int, dropout: float, norm_eps: float, rope_base: float, key_smear: bool = False):
         super().__init__()
         self.norm_attn = nn.RMSNorm(d_model, eps=norm_eps)
         self.attn = Attention(d_model, n_head, head_dim, dropout=dropout)
         self.norm_cca = nn.RMSNorm(d_model, eps=norm_eps) if cca else None
-        self.cca = ChunkedCrossAttention(d_model, n_head, head_dim, chunk_len, d_memory, dropout, rope_base) if cca else None
+        self.cca = ChunkedCrossAttention(d_model, n_head, head_dim, chunk_len, d_memory, dropout, rope_base,
+                                         key_smear) if cca else None
         self.norm_ff = nn.RMSNorm(d_model, eps=norm_eps)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
@@ -427,6 +446,28 @@ def scale_residual_projections(module: nn.Module, std: float, n_layer: int) -> N
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
 
+def induction_init(model: RetroModel, scale: float = 1.7, out_scale: float = 0.05) -> None:
+    """Start the first CCA layer as an induction head over the neighbours (`cca_init: induction`). Its query is the
+    current token x_p (q = scale * I), the smeared key of neighbour token j is mostly token j-1 (weight
+    sigmoid(-4) on token j), its value is token j (v = I), and the tied output head turns that value into a vote
+    for n_j (out = out_scale * I): where n_{j-1} == x_p, CCA predicts x_{p+1} = n_j. For token identities to reach
+    it unmixed, the encoder and the decoder blocks up to that layer start as the identity (zero residual
+    projections). A match scores ~4 scale^2 after rotary, so scale = 1.7 makes it win over K*R = 64-128 keys.
+    Measured in docs/retrieval.md (Training levers, row K)."""
+    first = model.ca_layers[0]
+    in_front = ("encoder.", *(f"blocks.{i}." for i in range(first + 1)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(in_front) and name.endswith(RESIDUAL_PROJECTIONS) and ".cca." not in name:
+                p.zero_()
+        cca = model.blocks[first].cca
+        half = cca.attn.key_value.weight.shape[0] // 2
+        keys, values = cca.attn.key_value.weight[:half], cca.attn.key_value.weight[half:]
+        for weight, value in ((cca.attn.query.weight, scale), (keys, scale), (values, 1.0), (cca.attn.out.weight, out_scale)):
+            weight.copy_(value * torch.eye(*weight.shape))
+        cca.key_smear.fill_(-4.0)
+
+
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """nanoGPT grouping of the trainable parameters: matrices (p.dim() >= 2) decay; norms and biases do not."""
     params = {id(p): p for p in module.parameters() if p.requires_grad}.values()
@@ -440,7 +481,7 @@ class RetroModel(nn.Module):
     def __init__(self, n_vocab: int, d_model: int, n_layers: int, chunk_len: int, n_heads: int, d_k: int,
                  d_ff: int, encoder: NearestNeighborEncoder | None, ca_layers: set[int] | tuple[int, ...] = (3, 5),
                  *, dropout: float = 0.0, tie_embeddings: bool = False, norm_eps: float = 1e-5,
-                 init_std: float = 0.02, rope_base: float = 10000.0):
+                 init_std: float = 0.02, rope_base: float = 10000.0, cca_init: str = "normal"):
         super().__init__()
         self.ca_layers = tuple(sorted(ca_layers))
         if any(not 0 <= i < n_layers for i in self.ca_layers):
@@ -456,7 +497,8 @@ class RetroModel(nn.Module):
         self.drop = nn.Dropout(dropout)
         d_memory = encoder.d_model if self.ca_layers else d_model
         self.blocks = nn.ModuleList(
-            DecoderBlock(d_model, n_heads, d_k, d_ff, chunk_len, i in self.ca_layers, d_memory, dropout, norm_eps, rope_base)
+            DecoderBlock(d_model, n_heads, d_k, d_ff, chunk_len, i in self.ca_layers, d_memory, dropout, norm_eps,
+                         rope_base, key_smear=cca_init == "induction" and i == min(self.ca_layers))
             for i in range(n_layers))
         self.encoder = encoder if self.ca_layers else None
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
@@ -464,11 +506,14 @@ class RetroModel(nn.Module):
         self.config = RetroConfig(  # the same model as a config: checkpoints and the Lightning stack use it
             vocab_size=n_vocab, chunk_size=chunk_len, d_model=d_model, n_layer=n_layers, n_head=n_heads,
             head_dim=d_k, d_ff=d_ff, cca_layers=self.ca_layers, dropout=dropout, tie_embeddings=tie_embeddings,
-            norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, **self._encoder_fields(encoder))
+            norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, cca_init=cca_init,
+            **self._encoder_fields(encoder))
         init_weights(self, init_std)
         scale_residual_projections(self, init_std, n_layers)
         if tie_embeddings:
             self.lm_head.weight = self.token_emb.weight
+        if cca_init == "induction":
+            induction_init(self)
 
     @classmethod
     def from_config(cls, c: RetroConfig) -> RetroModel:
@@ -478,7 +523,7 @@ class RetroModel(nn.Module):
             norm_eps=c.norm_eps, rope_base=c.rope_base, recompute=c.recompute_encoder) if c.cca_layers else None
         return cls(c.vocab_size, c.d_model, c.n_layer, c.chunk_size, c.n_head, c.head_dim, c.d_ff, encoder,
                    c.cca_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings, norm_eps=c.norm_eps,
-                   init_std=c.init_std, rope_base=c.rope_base)
+                   init_std=c.init_std, rope_base=c.rope_base, cca_init=c.cca_init)
 
     def _encoder_fields(self, encoder: NearestNeighborEncoder | None) -> dict:
         if not self.ca_layers:
