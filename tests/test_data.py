@@ -146,6 +146,36 @@ def test_copy_warmup_puts_the_sequence_own_text_in_the_last_slot(built):
     assert val.datasets["val"].copy_neighbor_rate == 0.0 and val.datasets["train"].copy_neighbor_rate == 1.0
 
 
+def test_random_neighbors_come_from_other_documents_of_the_split(built):
+    ws = open_workspace(built["workspace"])
+    plain = RetroDataset(built["workspace"], "train", T, K)
+    randomised = RetroDataset(built["workspace"], "train", T, K, random_neighbor_rate=1.0, seed=3)
+    train_ids = np.arange(*ws.split_range("train"))
+    candidates = ws.neighbor_tokens(train_ids)  # (n, R): every neighbour a random draw can give
+    changed = 0
+    for s in range(len(plain)):
+        first = plain.first + s * L
+        window_docs = set(ws.chunk_doc[first: first + L + 1].tolist())
+        got = randomised[s].neighbors.numpy()  # (L, K, R)
+        changed += int((got != plain[s].neighbors.numpy()).any())
+        for row in got.reshape(-1, 2 * M):
+            if (row == -1).all():  # a draw from the window's documents, dropped
+                continue
+            sources = train_ids[(candidates == row).all(-1)]
+            assert len(sources), "a random neighbour that is not a train chunk"
+            assert set(ws.chunk_doc[sources].tolist()) - window_docs, "a random neighbour from the window's documents"
+    assert changed > len(plain) // 2
+    assert torch.equal(randomised[1].neighbors, randomised[1].neighbors)  # seeded
+    half = RetroDataset(built["workspace"], "train", T, K, random_neighbor_rate=0.5, seed=3)
+    kept = [(half[s].neighbors[u] == plain[s].neighbors[u]).all().item() for s in range(len(plain)) for u in range(L)]
+    assert 0.2 < np.mean(kept) < 0.8
+    data = RetroDataModule(**{**built, "random_neighbor_rate": 1.0})
+    data.setup("fit")
+    assert data.datasets["val"].random_neighbor_rate == 0.0 and data.datasets["train"].random_neighbor_rate == 1.0
+    with pytest.raises(ValueError, match="data.random_neighbor_rate"):
+        RetroDataModule(built["workspace"], random_neighbor_rate=-0.1)
+
+
 def window(tokens: np.ndarray, start: int, size: int) -> np.ndarray:
     """tokens[start:start+size], -1 where the window leaves the array."""
     out = np.full(size, -1, dtype=np.int64)

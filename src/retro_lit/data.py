@@ -44,10 +44,10 @@ class RetroDataset(Dataset):
     """
 
     def __init__(self, workspace: str | Path, split: str, seq_len: int, num_neighbors: int,
-                 copy_neighbor_rate: float = 0.0, seed: int = 0):
+                 copy_neighbor_rate: float = 0.0, seed: int = 0, random_neighbor_rate: float = 0.0):
         self.workspace = Path(workspace)
         self.split, self.seq_len, self.num_neighbors = split, seq_len, num_neighbors
-        self.copy_neighbor_rate, self.seed = copy_neighbor_rate, seed
+        self.copy_neighbor_rate, self.random_neighbor_rate, self.seed = copy_neighbor_rate, random_neighbor_rate, seed
         ws = open_workspace(self.workspace)
         if seq_len % ws.chunk_len:
             raise RetroError(f"seq_len {seq_len} is not a multiple of the workspace chunk_len {ws.chunk_len}")
@@ -86,6 +86,8 @@ class RetroDataset(Dataset):
         target_bytes = np.where(ignored, 0, token_bytes[targets])  # (T,)
         targets[ignored] = IGNORE_INDEX
         ids = np.asarray(neighbor_ids[s * L : (s + 1) * L])  # (L, K) global chunk ids, -1 = none
+        if self.random_neighbor_rate > 0:
+            ids = self._with_random(ws, ids, first, s)
         neighbors = ws.neighbor_tokens(ids)  # (L, K, R)
         if self.copy_neighbor_rate > 0:
             neighbors = self._with_copies(ws, neighbors, first, s)
@@ -96,6 +98,22 @@ class RetroDataset(Dataset):
             torch.from_numpy(target_bytes.astype(np.int64)),
         )
 
+
+    def _with_random(self, ws, ids: np.ndarray, first: int, s: int) -> np.ndarray:
+        """Useless neighbours: for a `random_neighbor_rate` share of the chunks, all K neighbours are random chunks
+        of the split instead of the retrieved ones, so that the model learns when to ignore what it retrieved
+        (without them a model that learned to copy over-trusts neighbours that hold nothing to copy). A draw from
+        a document of the training window (or of the chunk after it, which holds the last target) is dropped
+        (-1), as retrieval excludes them. Seeded by (seed, sequence), apart from the copy warm-up's draws."""
+        rng = np.random.default_rng((self.seed, s, 1))
+        L = self.chunks_per_seq
+        rows = np.flatnonzero(rng.random(L) < self.random_neighbor_rate)
+        drawn = rng.integers(self.first, self.end, size=(len(rows), ids.shape[1]))  # (n, K)
+        window_docs = ws.chunk_doc[first: min(first + L + 1, self.end)]
+        drawn[np.isin(ws.chunk_doc[drawn], window_docs)] = -1
+        ids = ids.copy()
+        ids[rows] = drawn
+        return ids
 
     def _with_copies(self, ws, neighbors: np.ndarray, first: int, s: int) -> np.ndarray:
         """Copy warm-up: for a `copy_neighbor_rate` share of the chunks, the last neighbour slot holds the
@@ -145,6 +163,7 @@ class RetroDataModule(L.LightningDataModule):
         seed: int = 0,
         dedup_threshold: float | None = 0.8,
         copy_neighbor_rate: float = 0.0,
+        random_neighbor_rate: float = 0.0,
         batch_size: int = 8,
         num_workers: int | None = None,
         predict_split: str = "test",
@@ -168,6 +187,9 @@ class RetroDataModule(L.LightningDataModule):
             copy_neighbor_rate: Share of training chunks whose last neighbour is replaced by a copy of their own
                 text and continuation, aligned or shifted (copy warm-up, docs/retrieval.md); 0 trains on retrieved
                 neighbours only. Validation and test always use the retrieved neighbours.
+            random_neighbor_rate: Share of training chunks whose K neighbours are random chunks of the train split
+                (from other documents) instead of the retrieved ones: teaches a model that copies when to ignore a
+                neighbour (docs/retrieval.md). Validation and test always use the retrieved neighbours.
             batch_size: Global batch size, divided evenly among the devices.
             num_workers: DataLoader workers per device; None picks from the CPUs available.
             predict_split: Split that `predict` runs on.
@@ -179,8 +201,9 @@ class RetroDataModule(L.LightningDataModule):
             raise ValueError(f"data.seq_len ({seq_len}) must be a positive multiple of data.chunk_size ({chunk_size})")
         if num_neighbors <= 0:
             raise ValueError(f"data.num_neighbors must be positive, got {num_neighbors}")
-        if not 0.0 <= copy_neighbor_rate <= 1.0:
-            raise ValueError(f"data.copy_neighbor_rate must be in [0, 1], got {copy_neighbor_rate}")
+        for name, rate in (("copy_neighbor_rate", copy_neighbor_rate), ("random_neighbor_rate", random_neighbor_rate)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1], got {rate}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         if predict_split not in SPLITS:
@@ -279,8 +302,9 @@ class RetroDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> RetroDataset:
         hp = self.hparams
-        copy_rate = hp.copy_neighbor_rate if split == "train" else 0.0
-        ds = RetroDataset(hp.workspace, split, hp.seq_len, hp.num_neighbors, copy_rate, hp.seed)
+        train = split == "train"
+        ds = RetroDataset(hp.workspace, split, hp.seq_len, hp.num_neighbors, hp.copy_neighbor_rate if train else 0.0,
+                          hp.seed, hp.random_neighbor_rate if train else 0.0)
         rank_zero_info(f"{split}: {len(ds)} sequences of {self.hparams.seq_len} tokens")
         if len(ds) == 0:
             raise RetroError(
