@@ -72,7 +72,7 @@ def tiny_bert_path(tmp_path_factory, tiny_bert):
 class TinyWorkspace(NamedTuple):
     root: Path
     ckpt: Path  # a random RetroLM for it
-    embedder: BERTForChunkEmbeddings  # the one that built it: patch `retro_lit.index.BERTForChunkEmbeddings` to return it
+    embedder: BERTForChunkEmbeddings  # the one that built it: patch `retro_lit.index.workspace_embedder` to return it
     corpus: Path
 
 

@@ -281,7 +281,7 @@ def test_evaluation_retrieves_the_test_documents_once_they_are_added(tmp_path, m
     from retro_lit.model import RetroConfig, RetroModel
 
     root, embedder = letters_workspace(tmp_path)
-    monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)  # live search
+    monkeypatch.setattr("retro_lit.index.workspace_embedder", lambda *args, **kwargs: embedder)  # live search
     model = RetroModel.from_config(RetroConfig(vocab_size=257, chunk_size=4, d_model=16, n_layer=2, n_head=2,
                                                head_dim=8, d_ff=32, cca_layers=(1,), enc_n_layer=1)).eval()
     ws = open_workspace(root)

@@ -8,11 +8,11 @@ import torch
 
 from helpers import K, M, T, WORDS, build, make_corpus, snapshot
 from retro_lit.commands import main
-from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.embedder import BERTForChunkEmbeddings, workspace_embedder
 from retro_lit.index import RetroIndex
 from retro_lit.neighbors import excluded_ranges
 from retro_lit.tokenizer import workspace_tokenizer
-from retro_lit.workspace import RetroError, open_workspace
+from retro_lit.workspace import RetroError, open_workspace, read_manifest, write_manifest
 
 
 def mtimes(root):
@@ -268,6 +268,38 @@ def test_build_db_command_builds_with_a_local_embedder(tmp_path, tiny_corpus, ti
     assert main(["build-db", *args]) == 0
     ws = open_workspace(tmp_path / "ws")
     assert ws.manifest["settings"]["embedder"] == str(tiny_bert_path) and ws.neighbors("test", 2, 64).shape[1] == 2
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_embedder_defaults_to_bf16_only_where_the_cpu_has_bf16_units(tiny_bert, monkeypatch, native):
+    monkeypatch.setattr("retro_lit.embedder.native_cpu_bf16", lambda: native)
+    embedder = BERTForChunkEmbeddings(model=tiny_bert.model, tokenizer=tiny_bert.tokenizer, device="cpu")
+    assert embedder.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_keys_keep_the_precision_they_were_built_with(tmp_path, tiny_corpus, tiny_bert_path, tiny_bert, capsys):
+    """The manifest records the keys' precision; a resume at another one is refused (one line, nothing written),
+    `auto` and every later embedder (live queries, additions) use the recorded one, and a workspace from before the
+    setting existed resumes at the precision its embeddings stage recorded."""
+    corpus, root = tiny_corpus("c.txt", n_docs=12), tmp_path / "ws"
+    args = ["build-db", "--corpus", str(corpus), "--workspace", str(root), "--tokenizer", "bytes", "--chunk_size", "16",
+            "--seq_len", "64", "--embedder", str(tiny_bert_path), "--trainer.accelerator", "cpu", "--quiet"]
+    assert main([*args, "--embedder_precision", "bf16"]) == 0
+    ws = open_workspace(root)
+    assert ws.manifest["settings"]["embedder_precision"] == ws.manifest["stages"]["embeddings"]["precision"] == "bfloat16"
+    before = snapshot(root)
+    capsys.readouterr()
+    assert main([*args, "--embedder_precision", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "embedder_precision='bfloat16', not 'float32'" in err
+    assert snapshot(root) == before
+    assert main(args) == 0 and snapshot(root) == before  # auto: the workspace's own precision
+    assert workspace_embedder(ws.manifest, "cpu").dtype == torch.bfloat16
+    legacy = read_manifest(root)
+    del legacy["settings"]["embedder_precision"]
+    write_manifest(root, legacy)
+    assert main([*args, "--num_neighbors", "3"]) == 0  # a resume that adds neighbours, at bf16 again
+    assert open_workspace(root).manifest["settings"]["embedder_precision"] == "bfloat16"
 
 
 def test_retro_index_live_search(built, tiny_bert):

@@ -164,7 +164,7 @@ def test_evaluate_command_writes_table_json_and_plots(tiny_workspace, tmp_path, 
 
     ws, ckpt, embedder, corpus = tiny_workspace
     ckpt = shutil.copy(ckpt, tmp_path)  # --random_control writes its results next to the checkpoint
-    monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    monkeypatch.setattr("retro_lit.index.workspace_embedder", lambda *args, **kwargs: embedder)
     out = tmp_path / "out"
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "[1,2]", "--device", "cpu", "--quiet"]
     assert main(["evaluate", *base, "--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),

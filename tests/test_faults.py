@@ -242,7 +242,7 @@ def test_a_full_disk_is_one_error_line_from_the_command(tmp_path, reference, tin
     root = tmp_path / "ws"
     shutil.copytree(built, root)
     plant_full_disk(root / "index.faiss")
-    monkeypatch.setattr("retro_lit.additions.BERTForChunkEmbeddings", lambda *args, **kwargs: tiny_bert)
+    monkeypatch.setattr("retro_lit.additions.workspace_embedder", lambda *args, **kwargs: tiny_bert)
     assert main(["add-docs", "--workspace", str(root), "--corpus", str(new), "--recompute_neighbors"]) == 2
     assert capsys.readouterr().err == (f"error: no space left on device writing {root / 'index.faiss'}; free some "
                                        "space and rerun the same command: it resumes\n")

@@ -131,7 +131,7 @@ def test_generate_command_shows_each_retrieval(tiny_workspace, tmp_path, monkeyp
     from retro_lit.commands import main
 
     ws, ckpt, embedder, _ = tiny_workspace
-    monkeypatch.setattr("retro_lit.index.BERTForChunkEmbeddings", lambda *args, **kwargs: embedder)
+    monkeypatch.setattr("retro_lit.index.workspace_embedder", lambda *args, **kwargs: embedder)
     argv = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--prompt", "the king", "--max_new_tokens", "6",
             "--temperature", "0", "--show_retrieval", "--device", "cpu"]
     assert main(["generate", *argv]) == 0

@@ -45,7 +45,7 @@ import numpy as np
 
 from retro_lit.chunks import tokenize_to_file, write_chunk_files
 from retro_lit.corpus import corpus_fingerprint, iter_documents
-from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.embedder import BERTForChunkEmbeddings, recorded_precision, workspace_embedder
 from retro_lit.embeddings import embed_chunks, keys_on_disk
 from retro_lit.index import add_keys, measure_recall, save_index
 from retro_lit.neighbors import compute_neighbors
@@ -233,11 +233,12 @@ def add_documents(
     manifest = _built_manifest(root)
     check_workspace(root, manifest)  # (an unfinished addition's rerun is let through: it rewrites its files)
     settings = manifest["settings"]
-    if embedder is not None:
-        check_settings(root, settings, {"embedder": embedder.name})
+    if embedder is not None:  # keys of another model or precision would not be comparable
+        check_settings(root, {**settings, "embedder_precision": recorded_precision(manifest)},
+                       {"embedder": embedder.name, "embedder_precision": str(embedder.dtype).removeprefix("torch.")})
     fingerprint = corpus_fingerprint(corpus)  # (a missing corpus fails here)
     entry = _pending_entry(root, manifest, corpus, fingerprint, name or Path(str(corpus)).name)
-    embedder = embedder or BERTForChunkEmbeddings(settings["embedder"], "auto")
+    embedder = embedder or workspace_embedder(manifest)
     if embedder.dim != int(manifest["stages"]["embeddings"]["dim"]):
         raise RetroError(f"workspace {root} has keys of width {manifest['stages']['embeddings']['dim']}, "
                          f"not {embedder.dim}: use the embedder it was built with")
@@ -299,10 +300,10 @@ def add_documents_command(
             taken; another addition is unfinished. The workspace is left as it was.
     """
     root = Path(workspace)
-    settings = _built_manifest(root)["settings"]
+    manifest = _built_manifest(root)
     wanted = {"embedder": embedder, "chunk_len": chunk_size, "tokenizer": tokenizer}
-    check_settings(root, settings, {key: value for key, value in wanted.items() if value is not None})
-    bert = BERTForChunkEmbeddings(settings["embedder"], device, batch_size=batch_size)
+    check_settings(root, manifest["settings"], {key: value for key, value in wanted.items() if value is not None})
+    bert = workspace_embedder(manifest, device, batch_size=batch_size)
     add_documents(root, corpus, bert, name=name, recompute_neighbors=recompute_neighbors, quiet=quiet)
 
 

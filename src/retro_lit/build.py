@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from retro_lit.chunks import chunk_corpus
 from retro_lit.corpus import corpus_fingerprint
-from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.embedder import PRECISIONS, BERTForChunkEmbeddings, recorded_precision
 from retro_lit.embeddings import embed_chunks, embedding_info
 from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
@@ -62,6 +63,7 @@ class Build:
             "tokenizer": self.tokenizer,
             "chunk_len": self.chunk_len,
             "embedder": self.embedder.name,
+            "embedder_precision": str(self.embedder.dtype).removeprefix("torch."),
             "pooling": "mean",
             "index": self.index,
             "split": list(self.split),
@@ -133,10 +135,13 @@ def build_workspace(
     block_size: int = 16384,
     until: str = "neighbors",
     quiet: bool = False,
+    embedder_precision: str = "auto",
 ) -> Path:
     """Build or resume the stages of a workspace up to `until` (default all); returns its path.
 
-    `embedder` is a `BERTForChunkEmbeddings`, a model folder/name, or None for all-MiniLM-L6-v2.
+    `embedder` is a `BERTForChunkEmbeddings`, a model folder/name, or None for all-MiniLM-L6-v2; when it is not
+    an object, `embedder_precision` (`bf16`, `32` or `auto`: the workspace's own on a resume, else bf16 where
+    the CPU has bf16 units or on CUDA, fp32 on other CPUs) sets its dtype. A resume at another precision is refused.
     `until` is one of `STAGES`; e.g. "embeddings" stops before the index. `build_summary(path)` reports.
     """
     for name, value in (("chunk_len", chunk_len), ("num_neighbors", num_neighbors), ("block_size", block_size)):
@@ -149,7 +154,8 @@ def build_workspace(
     check_spec(tokenizer)
     fingerprint = corpus_fingerprint(corpus)  # (a missing corpus fails here, before BERT loads)
     if not isinstance(embedder, BERTForChunkEmbeddings):
-        embedder = BERTForChunkEmbeddings(embedder, device, batch_size=batch_size)
+        embedder = BERTForChunkEmbeddings(embedder, device, batch_size=batch_size,
+                                          dtype=embedder_dtype(workspace, embedder_precision))
     check_factory(index, embedder.dim)
     build = Build(
         Path(workspace), corpus, embedder, tokenizer, chunk_len, index, num_neighbors, seq_len,
@@ -171,6 +177,19 @@ def build_workspace(
     return build.root
 
 
+def embedder_dtype(workspace: str | Path, precision: str) -> torch.dtype | None:
+    """`--embedder_precision` -> the embedder's dtype; `auto` is the workspace's own precision when it has built
+    a stage, else None (the embedder's default for its device)."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise RetroError(f"--embedder_precision must be auto, bf16 or 32, got {precision!r}")
+        return getattr(torch, PRECISIONS[precision])
+    manifest = read_manifest(workspace) if Path(workspace, "manifest.json").exists() else None
+    if manifest is None or not any(info.get("done") for info in manifest["stages"].values()):
+        return None
+    return getattr(torch, recorded_precision(manifest))
+
+
 def start_manifest(root: Path, settings: dict) -> dict:
     """Check the workspace is writable and its settings match; returns the manifest to update.
 
@@ -182,6 +201,7 @@ def start_manifest(root: Path, settings: dict) -> dict:
             raise RetroError(
                 f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"
             )
+        manifest["settings"].setdefault("embedder_precision", recorded_precision(manifest))  # (older workspaces)
         check_settings(root, manifest["settings"], settings)
         check_workspace(root, manifest)  # a resumed build stands on its finished stages' files: are they whole?
         return manifest

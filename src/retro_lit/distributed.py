@@ -50,7 +50,7 @@ from lightning.fabric.plugins.environments import (
 )
 from lightning.fabric.strategies import DDPStrategy
 
-from retro_lit.build import Build, build_summary, build_workspace, format_summary
+from retro_lit.build import Build, build_summary, build_workspace, embedder_dtype, format_summary
 from retro_lit.embedder import BERTForChunkEmbeddings
 from retro_lit.embeddings import embed_chunks, embedding_info
 from retro_lit.index import fill_index_shard, finish_index_shards, num_index_shards, train_index_shards
@@ -276,8 +276,9 @@ def _build_ranked(fabric: Fabric, job: _Job) -> None:
     if until not in STAGES:
         raise RetroError(f"until must be one of {STAGES}, got {until!r}")
     device = str(fabric.device)
-    embedder = _rank_embedder(job.embedder, device, kw.pop("batch_size", 128))
     root, rank, world = job.root, fabric.global_rank, fabric.world_size
+    embedder = _rank_embedder(job.embedder, device, kw.pop("batch_size", 128),
+                              embedder_dtype(root, kw.pop("embedder_precision", "auto")))
 
     def on_zero(until_stage: str) -> None:  # rank 0 runs build_workspace up to a stage (checks settings too)
         _run_on_zero(
@@ -407,10 +408,10 @@ def _report(job: _Job, stage: str, rank: int) -> Callable[[Path], None] | None:
     return None if job.on_file is None else lambda path: job.on_file(stage, rank, path)
 
 
-def _rank_embedder(embedder, device: str, batch_size: int) -> BERTForChunkEmbeddings:
-    """This rank's embedder on its device: a name/path is loaded here, an object is moved."""
+def _rank_embedder(embedder, device: str, batch_size: int, dtype: torch.dtype | None) -> BERTForChunkEmbeddings:
+    """This rank's embedder on its device: a name/path is loaded here (at `dtype`), an object is moved."""
     if not isinstance(embedder, BERTForChunkEmbeddings):
-        return BERTForChunkEmbeddings(embedder, device, batch_size=batch_size)
+        return BERTForChunkEmbeddings(embedder, device, batch_size=batch_size, dtype=dtype)
     if str(embedder.device) != device:
         embedder.device = torch.device(device)
         embedder.model.to(embedder.device)
@@ -434,6 +435,7 @@ def build_db(  # the defaults are the build's own (build.Build), declared once
     seed: int = Build.seed,
     dedup_threshold: float | None = Build.dedup_threshold,
     batch_size: int = 128,
+    embedder_precision: str = "auto",
     block_size: int = Build.block_size,
     index_shards: int = 1,
     verify: bool = False,
@@ -458,6 +460,8 @@ def build_db(  # the defaults are the build's own (build.Build), declared once
         seed: seed of the document split and of the index's training sample.
         dedup_threshold: leave out training documents with 13-gram Jaccard >= this to a held-out one; null keeps all.
         batch_size: embedder batch size.
+        embedder_precision: bf16, 32, or auto: the workspace's own on a resume, else bf16 on CUDA and on CPUs with
+            bf16 units (AVX512-BF16, AMX), fp32 on other CPUs (where bf16 is emulated, ~6x slower).
         block_size: chunks per embedding block and per neighbour query part.
         index_shards: write the index as N shards (searched as one faiss IndexShards).
         verify: check every file's size and sha256 against the manifest, name each damaged one; build nothing.
@@ -492,6 +496,7 @@ def build_db(  # the defaults are the build's own (build.Build), declared once
     build_workspace_distributed(
         workspace, corpus, placement=trainer, index_shards=index_shards, tokenizer=tokenizer, chunk_len=chunk_size,
         embedder=embedder, index=index, num_neighbors=num_neighbors, seq_len=seq_len, split=split, seed=seed,
+        embedder_precision=embedder_precision,
         dedup_threshold=dedup_threshold if dedup_threshold is None or dedup_threshold > 0 else None,
         batch_size=batch_size, block_size=block_size, quiet=quiet,
     )

@@ -2,8 +2,10 @@
 
 Keys are the BERT output mean-pooled over the real (non-padding) tokens of each chunk's text, as in the
 paper; the chunk is re-tokenized with BERT's own tokenizer. Texts are sorted by length and batched so
-that padding stays small. CPU runs under bf16 autocast (fp16 matmuls are ~100x slower on CPU), CUDA
-under fp16 or bf16.
+that padding stays small. CPU runs under bf16 autocast where the CPU has bf16 units (AVX512-BF16 or AMX), else
+in fp32: emulated bf16 is ~6x slower than fp32 on an AVX2-only CPU, and fp16 matmuls are ~100x slower on any
+CPU. CUDA runs under bf16 or fp16. A workspace records the precision that made its keys (`embedder_precision`),
+and every later embedder of it (resume, repair, live queries, additions) uses that one.
 """
 
 import logging
@@ -41,6 +43,35 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+PRECISIONS = {"bf16": "bfloat16", "32": "float32"}  # --embedder_precision names -> torch dtype names
+
+
+def native_cpu_bf16() -> bool:
+    """Does this CPU compute bf16 matmuls in hardware (AVX512-BF16 or AMX)? Elsewhere bf16 is emulated."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def fast_precision(device: torch.device) -> str:
+    """The faster of `bf16` and `32` for models on `device`: bf16 on CUDA and on CPUs with bf16 units, else 32."""
+    return "bf16" if device.type == "cuda" or native_cpu_bf16() else "32"
+
+
+def recorded_precision(manifest: dict) -> str:
+    """The torch dtype name that made a workspace's keys. Workspaces built before it was a setting recorded it in
+    their embeddings stage, or, unfinished, were made in bfloat16 (then the only CPU default)."""
+    return manifest["settings"].get("embedder_precision") or \
+        manifest["stages"].get("embeddings", {}).get("precision", "bfloat16")
+
+
+def workspace_embedder(manifest: dict, device: str | torch.device = "auto", **kwargs) -> "BERTForChunkEmbeddings":
+    """The embedder a workspace's keys were made with, at their precision (queries, additions, repairs); fp16 keys
+    (a CUDA build) are matched in fp32 on a CPU."""
+    dtype = getattr(torch, recorded_precision(manifest))
+    if dtype == torch.float16 and resolve_device(device).type == "cpu":
+        dtype = torch.float32
+    return BERTForChunkEmbeddings(manifest["settings"]["embedder"], device, dtype=dtype, **kwargs)
+
+
 class BERTForChunkEmbeddings:
     """Frozen BERT chunk embedder: `embedder(texts) -> (n, E)` float32 keys.
 
@@ -76,7 +107,8 @@ class BERTForChunkEmbeddings:
         cuda_dtype = (
             torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
         )
-        self.dtype = dtype or (cuda_dtype if self.device.type == "cuda" else torch.bfloat16)
+        cpu_dtype = torch.bfloat16 if native_cpu_bf16() else torch.float32
+        self.dtype = dtype or (cuda_dtype if self.device.type == "cuda" else cpu_dtype)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise RetroError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")
 

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from retro_lit.additions import add_documents
 from retro_lit.corpus import iter_documents
-from retro_lit.embedder import BERTForChunkEmbeddings, resolve_device
+from retro_lit.embedder import BERTForChunkEmbeddings, resolve_device, workspace_embedder
 from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
 from retro_lit.plots import write_evaluation_plots
@@ -510,7 +510,7 @@ def leakage_demonstration(workspace: str | Path, model: nn.Module, scratch: str 
     lm_tokenizer = workspace_tokenizer(ws)
     documents = capped(workspace_documents(ws, "test"), max_tokens)
     if embedder is None:
-        embedder = BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], device)
+        embedder = workspace_embedder(ws.manifest, device)
     rng = np.random.default_rng(seed)
     texts = {doc.name: lm_tokenizer.decode(doc.tokens.tolist()) for doc in documents}
     added = {"test documents": {f"copy of {name}": text for name, text in texts.items()},

@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 import torch
 
-from retro_lit.embedder import BERTForChunkEmbeddings
+from retro_lit.embedder import BERTForChunkEmbeddings, workspace_embedder
 from retro_lit.progress import progress
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.workspace import MANIFEST, RetroError, Workspace, atomic_save, open_workspace
@@ -407,7 +407,7 @@ class RetroIndex:
             if not info.get("done"):
                 raise RetroError(f"workspace {self.workspace} has no index yet: run build-db first")
             self._index = load_index(index_files(ws.root, info), info.get("nprobe"))
-            self.bert = self.bert or BERTForChunkEmbeddings(ws.manifest["settings"]["embedder"], self.device)
+            self.bert = self.bert or workspace_embedder(ws.manifest, self.device)
             self._tokenizer = workspace_tokenizer(ws)
             self._ws, self._stamp = ws, stamp
         return self._ws, self._index
