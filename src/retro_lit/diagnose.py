@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, evaluate_documents,
-                                longest_common_substring, workspace_documents)
+from retro_lit.corpus import iter_documents
+from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, choose_neighbors,
+                                evaluate_documents, longest_common_substring, workspace_documents)
 from retro_lit.embedder import resolve_device
 from retro_lit.generate import load_checkpoint, precision_context
 from retro_lit.retrofit import RetroFitModel
@@ -194,6 +196,56 @@ def diagnose_workspace(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+# ----------------------------------------------------------------------------- twin corpus
+
+def write_twin_corpus(source: str, folder: Path) -> int:
+    """Every document of `source` twice, as `<name>` and `twin/<name>`, under a new `folder`; returns how many
+    documents. Built with near-duplicate removal off, a held-out file whose twin fell in the train split has an
+    exact copy of each of its chunks in the database: what a model that reads its neighbours can copy."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    n = 0
+    for doc in iter_documents(source):
+        for name in (doc.name, f"twin/{doc.name}"):
+            path = folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(doc.text, encoding="utf-8")
+        n += 1
+    return n
+
+
+def twin_check(ckpt: str | Path, workspace: str | Path, precision: str = "32", device: str = "cpu") -> dict:
+    """Score a checkpoint on the test files of a twin-corpus workspace (`write_twin_corpus`), retrieval ON (its
+    precomputed neighbours) and OFF: files whose twin is in the train split (the database), on their chunks with an
+    exact copy among the neighbours (r(C) = 1), and files whose twin is not (nothing to copy: ON must not hurt)."""
+    ws = checked_workspace(workspace)
+    split_of = {d["name"]: d["split"] for d in ws.documents}
+    twin_of = lambda name: name.removeprefix("twin/") if name.startswith("twin/") else f"twin/{name}"  # noqa: E731
+    torch_device = resolve_device(device)
+    model, data = load_checkpoint(str(ckpt), torch_device)
+    k, seq_len = int(data["num_neighbors"]), int(data["seq_len"])
+    neighbors_of, _ = choose_neighbors(ws, "test", "precomputed", k, k, seq_len)
+    scorers = {"on": Scorer(model, k), "off": Scorer(model, None)}
+    groups = {"twin in database": [], "twin not in database": []}
+    for doc in workspace_documents(ws, "test"):
+        groups["twin in database" if split_of.get(twin_of(doc.name)) == "train" else "twin not in database"].append(doc)
+    results = {}
+    with precision_context(precision, torch_device):
+        for group, docs in groups.items():
+            results[group] = evaluate_documents(scorers, docs, neighbors_of, workspace_tokenizer(ws).token_bytes,
+                                                seq_len, ws.chunk_len, leakage_k=k, alphas=(0.999,)) if docs else None
+    copies, alone = results["twin in database"], results["twin not in database"]
+    report = {"test_docs": {group: len(docs) for group, docs in groups.items()}}
+    if copies is not None:
+        on, off = (copies["models"][m]["bpb_above_alpha"][0.999] for m in ("on", "off"))
+        report |= {"exact_copy_chunk_share": 1 - copies["kept_fraction"][0.999], "exact_copy_bpb_on": on,
+                   "exact_copy_bpb_off": off, "exact_copy_ratio": on / off}
+    if alone is not None:
+        on, off = alone["models"]["on"]["bpb"], alone["models"]["off"]["bpb"]
+        report |= {"no_twin_bpb_on": on, "no_twin_bpb_off": off, "no_twin_relative": on / off - 1}
+    return report
 
 
 def built_neighbors(ws: Workspace, k: int | None, seq_len: int | None) -> tuple[int, int]:
