@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from retro_lit.cli import RetroCLI
-from retro_lit.embedder import resolve_device
+from retro_lit.embedder import fast_precision, resolve_device
 from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, leakage_demonstration, leakage_table, markdown_table
 from retro_lit.generate import generate_text, load_checkpoint, precision_context
 from retro_lit.workspace import RetroError, open_workspace
@@ -29,7 +29,8 @@ from retro_lit.workspace import RetroError, open_workspace
 log = logging.getLogger(__name__)
 
 PROMPT = 'import json\n\n\ndef load(path):\n    """Read a JSON file."""\n'
-BASELINE = ["--model.config.cca_layers=[]", "--model.retrieval=false", "--model.eval_retrieval=off"]
+BASELINE = ["--model.config.cca_layers=[]", "--model.config.cca_init=normal", "--model.retrieval=false",
+            "--model.eval_retrieval=off"]
 COPY_RUN = 8  # the paper's leakage threshold, alpha = 0.125 at M = 64: a chunk sharing > 8 tokens with a neighbour
 KNOWLEDGE_TOKENS = 16384  # test tokens of the knowledge update: its three databases cost three evaluations
 
@@ -61,7 +62,11 @@ def demo(
     if not Path(fit_config).is_file():
         raise RetroError(f"config {fit_config} not found; run from the repository root or pass --fit_config")
     start = time.time()
-    overrides = [f"--data.workspace={workspace}"] if workspace else []
+    precision = fast_precision(resolve_device("auto"))  # emulated bf16 (CPUs without bf16 units) is ~6x slower
+    overrides = [] if precision == "bf16" else ["--trainer.precision=32"]
+    if precision == "32":
+        stage("this CPU has no bf16 units (AVX512-BF16, AMX): training, embedding and evaluation run in fp32")
+    overrides += [f"--data.workspace={workspace}"] if workspace else []
     overrides += [f"--data.corpus={corpus}"] if corpus else []
     overrides += [f"--trainer.max_steps={max_steps}"] if max_steps else []
     run_override = [f"--trainer.default_root_dir={run_dir}"] if run_dir else []
@@ -77,15 +82,15 @@ def demo(
     alpha = COPY_RUN / open_workspace(workspace_path).chunk_len
     result, written = evaluate_checkpoint(
         str(ckpt), str(workspace_path), split="test", neighbors=(2,), random_control=True, out_dir=str(run_path),
-        precision="bf16", alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
+        precision=precision, alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
         baseline_ckpt=str(baseline_ckpt) if baseline_ckpt else None,
     )
     stage("knowledge update: the test files, then edited copies of them, added to copies of the database")
-    update = knowledge_update(ckpt, workspace_path, run_path, eval_tokens, alpha)
+    update = knowledge_update(ckpt, workspace_path, run_path, eval_tokens, alpha, precision)
 
     stage("generating with live retrieval")
     generate_text(str(ckpt), str(workspace_path), prompt, max_new_tokens=96, temperature=0.8, top_k=40, seed=0,
-                  show_retrieval=True, precision="bf16")
+                  show_retrieval=True, precision=precision)
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))
@@ -111,13 +116,14 @@ def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str) -
     return ckpt, workspace
 
 
-def knowledge_update(ckpt: Path, workspace: Path, run_dir: Path, eval_tokens: int, alpha: float) -> str:
-    """`leakage_demonstration` with the demo's model (k = 2, bf16) on the first KNOWLEDGE_TOKENS test tokens (or
+def knowledge_update(ckpt: Path, workspace: Path, run_dir: Path, eval_tokens: int, alpha: float,
+                     precision: str = "bf16") -> str:
+    """`leakage_demonstration` with the demo's model (k = 2) on the first KNOWLEDGE_TOKENS test tokens (or
     `eval_tokens`): the grown copies of the database go under run_dir/knowledge-update, the figures to
     run_dir/knowledge_update.json; returns the table."""
     device = resolve_device("auto")
     model, data_hparams = load_checkpoint(ckpt, device)
-    with precision_context("bf16", device):
+    with precision_context(precision, device):
         result = leakage_demonstration(workspace, model, run_dir / "knowledge-update",
                                        seq_len=int(data_hparams["seq_len"]), k=2, device=str(device),
                                        max_tokens=eval_tokens or KNOWLEDGE_TOKENS, alphas=sorted({alpha, *ALPHAS}))
