@@ -235,7 +235,7 @@ def add_documents(
     settings = manifest["settings"]
     if embedder is not None:  # keys of another model or precision would not be comparable
         check_settings(root, {**settings, "embedder_precision": recorded_precision(manifest)},
-                       {"embedder": embedder.name, "embedder_precision": str(embedder.dtype).removeprefix("torch.")})
+                       {"embedder": embedder.name, "embedder_precision": embedder.precision})
     fingerprint = corpus_fingerprint(corpus)  # (a missing corpus fails here)
     entry = _pending_entry(root, manifest, corpus, fingerprint, name or Path(str(corpus)).name)
     embedder = embedder or workspace_embedder(manifest)

@@ -63,7 +63,7 @@ class Build:
             "tokenizer": self.tokenizer,
             "chunk_len": self.chunk_len,
             "embedder": self.embedder.name,
-            "embedder_precision": str(self.embedder.dtype).removeprefix("torch."),
+            "embedder_precision": self.embedder.precision,
             "pooling": "mean",
             "index": self.index,
             "split": list(self.split),
@@ -184,10 +184,13 @@ def embedder_dtype(workspace: str | Path, precision: str) -> torch.dtype | None:
         if precision not in PRECISIONS:
             raise RetroError(f"--embedder_precision must be auto, bf16 or 32, got {precision!r}")
         return getattr(torch, PRECISIONS[precision])
-    manifest = read_manifest(workspace) if Path(workspace, "manifest.json").exists() else None
-    if manifest is None or not any(info.get("done") for info in manifest["stages"].values()):
-        return None
-    return getattr(torch, recorded_precision(manifest))
+    manifest = read_manifest(workspace)
+    return getattr(torch, recorded_precision(manifest)) if has_built_stage(manifest) else None
+
+
+def has_built_stage(manifest: dict | None) -> bool:
+    """Has this workspace finished a stage? Until then a build may take new settings."""
+    return manifest is not None and any(info.get("done") for info in manifest["stages"].values())
 
 
 def start_manifest(root: Path, settings: dict) -> dict:
@@ -196,7 +199,7 @@ def start_manifest(root: Path, settings: dict) -> dict:
     A workspace with no finished stage (e.g. the corpus was bad) takes the new settings.
     """
     manifest = read_manifest(root) if root.exists() else None
-    if manifest is not None and any(info.get("done") for info in manifest["stages"].values()):
+    if has_built_stage(manifest):
         if manifest.get("format_version") != FORMAT_VERSION:
             raise RetroError(
                 f"workspace {root} has format_version {manifest.get('format_version')}, not {FORMAT_VERSION}"

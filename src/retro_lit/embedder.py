@@ -112,6 +112,11 @@ class BERTForChunkEmbeddings:
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise RetroError("fp16 on CPU is ~100x slower than bf16; use dtype=torch.bfloat16 or float32")
 
+    @property
+    def precision(self) -> str:
+        """The torch dtype name its keys are computed in, as manifests record it (`bfloat16`, `float32`)."""
+        return str(self.dtype).removeprefix("torch.")
+
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """Embed `texts` -> (n, E) float32 on the CPU."""
         return self.forward(self.tokenize(texts))

@@ -91,7 +91,7 @@ def embedding_info(embedder: BERTForChunkEmbeddings) -> dict:
     """The embeddings stage's record of how its keys were made: a recomputation (`retro_lit.repair`) needs the same
     batches (`batch_size`: the length-sorted batches' padding) and the same `precision` to get the same bits."""
     return {"dim": embedder.dim, "dtype": "float16", "batch_size": embedder.batch_size,
-            "precision": str(embedder.dtype).removeprefix("torch.")}
+            "precision": embedder.precision}
 
 
 def keys_on_disk(root: str | Path, block: int) -> int:

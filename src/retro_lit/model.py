@@ -498,7 +498,7 @@ class RetroModel(nn.Module):
         d_memory = encoder.d_model if self.ca_layers else d_model
         self.blocks = nn.ModuleList(
             DecoderBlock(d_model, n_heads, d_k, d_ff, chunk_len, i in self.ca_layers, d_memory, dropout, norm_eps,
-                         rope_base, key_smear=cca_init == "induction" and i == min(self.ca_layers))
+                         rope_base, key_smear=cca_init == "induction" and self.ca_layers[:1] == (i,))
             for i in range(n_layers))
         self.encoder = encoder if self.ca_layers else None
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
