@@ -82,14 +82,20 @@ def reference_cca(cca: ChunkedCrossAttention, x, memory, valid):
             k = apply_rope(k, *rope_cos_sin(torch.arange(k.shape[1]) % R, Dh, cca.rope_base))
             scores = (k @ q[:, :, None])[..., 0] / math.sqrt(Dh)  # (H, K*R)
             scores = scores.masked_fill(~valid[b, u], float("-inf"))
-            out[b, p] = attn.out((scores.softmax(-1)[:, :, None] * v).sum(1).flatten())
+            weights = scores.softmax(-1)
+            if cca.sink is not None:  # a null key per head: its logit joins the softmax, its value is zero
+                weights = torch.cat([scores, cca.sink[:, None]], dim=-1).softmax(-1)[:, :-1]
+            out[b, p] = attn.out((weights[:, :, None] * v).sum(1).flatten())
     return out
 
 
+@pytest.mark.parametrize("sink", [False, True])
 @pytest.mark.parametrize("T", [16, 13, 3])
-def test_cca_matches_reference(T):
+def test_cca_matches_reference(T, sink):
     torch.manual_seed(1)
-    cca = ChunkedCrossAttention(d_model=16, n_head=2, head_dim=8, chunk_len=M, d_memory=12)
+    cca = ChunkedCrossAttention(d_model=16, n_head=2, head_dim=8, chunk_len=M, d_memory=12, sink=sink)
+    if sink:
+        cca.sink.data = torch.tensor([-1.0, 2.0])
     L = max(T // M, 1)
     x, memory = torch.randn(B, T, 16), torch.randn(B, L, K * R, 12)
     valid = torch.rand(B, L, K * R) > 0.3
@@ -192,11 +198,12 @@ def test_bf16_autocast_forward_backward(tiny):
     assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
 
 
-@pytest.mark.parametrize("cca_init", ["normal", "induction"])  # induction: smeared keys in the first CCA layer
+@pytest.mark.parametrize("cca_init", ["normal", "induction", "induction+sink"])  # smeared keys, null keys
 def test_kv_cache_matches_full_forward(tiny, cca_init):
     """Prefill + one token at a time, retrieving as chunks complete, equals one full forward."""
-    model = tiny(cca_init=cca_init, tie_embeddings=cca_init == "induction")
-    if cca_init == "induction":  # move the identity inits off their special values, so every path counts
+    model = tiny(cca_init=cca_init.removesuffix("+sink"), tie_embeddings=cca_init != "normal",
+                 cca_sink=cca_init.endswith("+sink"))
+    if cca_init != "normal":  # move the identity inits off their special values, so every path counts
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
     T = 15
@@ -332,3 +339,26 @@ def test_induction_init_copies_before_any_training(tiny, cca_init):
         assert on < off - 0.5  # 4.4 vs 5.6 nats at this width; 2.2 vs 5.6 at d_model = 256
     else:
         assert abs(on - off) < 0.05
+
+
+def test_cca_sink_reads_nothing_where_no_neighbor_fits(tiny):
+    """With `cca_sink`, the induction head still copies where a neighbour continues the chunk, and where the
+    neighbours are random tokens (nothing matches) it stays much nearer retrieval OFF than the same head
+    without the null key, which must spread its weight over the unrelated neighbours."""
+    torch.manual_seed(0)
+    V, L, Mc = 256, 4, 8
+    x = torch.randint(0, V, (8, (L + 1) * Mc + 1))
+    chunks = x[:, :(L + 1) * Mc].view(8, L + 1, Mc)
+    copies = torch.cat([chunks[:, :L], chunks[:, 1:]], dim=-1)[:, :, None]  # (B, L, 1, 2M)
+    unrelated = torch.randint(0, V, copies.shape)
+    score = {}
+    for sink in (False, True):
+        torch.manual_seed(1)
+        model = tiny(vocab_size=V, chunk_size=Mc, d_model=64, n_head=2, head_dim=32, d_ff=256, enc_n_layer=1,
+                     tie_embeddings=True, cca_init="induction", cca_sink=sink)
+        with torch.no_grad():
+            score[sink] = {name: model.loss(x[:, :L * Mc], x[:, 1:L * Mc + 1], n)[1][:, Mc:].mean().item()
+                           for name, n in (("copies", copies), ("unrelated", unrelated), ("off", None))}
+    with_sink, without = score[True], score[False]
+    assert with_sink["copies"] < with_sink["off"] - 0.5
+    assert abs(with_sink["unrelated"] - with_sink["off"]) < 0.5 * abs(without["unrelated"] - without["off"]), score

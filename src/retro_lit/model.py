@@ -119,6 +119,10 @@ class RetroConfig(EncoderConfig):
     """How CCA starts. `induction`: the first CCA layer starts as an induction head over the neighbours (where
     neighbour token j-1 equals the current token, it votes for token j) and the layers in front of it as the
     identity, so copies pay from step 0 (`induction_init`; docs/retrieval.md). Needs tie_embeddings."""
+    cca_sink: bool = False
+    """Give every CCA head a null key with a learned logit and a zero value, so a token that none of its neighbours
+    fits can read nothing (attention sinks, as in gpt-oss): retrieval then costs little where it has nothing to
+    offer (docs/retrieval.md)."""
 
     def __post_init__(self):
         self.cca_layers = tuple(sorted(set(int(i) for i in self.cca_layers)))
@@ -182,6 +186,7 @@ class Attention(nn.Module):
         q = apply_rope(q, *rope) if rope else q
         dtype = torch.promote_types(q.dtype, k.dtype)  # a float32 KV cache keeps decoding attention in float32
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # (no-ops outside decoding)
+        mask = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(-3, -2).flatten(-2).type_as(x))  # (N, S, D)
@@ -305,14 +310,17 @@ class NearestNeighborEncoder(nn.Module):
 class ChunkedCrossAttention(nn.Module):
     """CCA: token p attends to the encoded neighbours of chunk u = (p + 1) // M - 1 (none if u < 0).
     key_smear: the key of neighbour token j mixes in token j-1's with a learned weight (a built-in previous-token
-    head: the induction-head match "n_{j-1} == x_p, read n_j" becomes one attention step)."""
+    head: the induction-head match "n_{j-1} == x_p, read n_j" becomes one attention step).
+    sink: one more key per head, with a learned logit and a zero value, so a query that no neighbour fits can
+    attend to nothing and add nothing (softmax's weights must otherwise land on some neighbour)."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, chunk_len: int, d_memory: int,
-                 dropout: float = 0.0, rope_base: float = 10000.0, key_smear: bool = False):
+                 dropout: float = 0.0, rope_base: float = 10000.0, key_smear: bool = False, sink: bool = False):
         super().__init__()
         self.chunk_len, self.head_dim, self.rope_base = chunk_len, head_dim, rope_base
         self.attn = Attention(d_model, n_head, head_dim, d_context=d_memory, dropout=dropout)
         self.key_smear = nn.Parameter(torch.zeros(1)) if key_smear else None  # weight sigmoid(.) on token j's key
+        self.sink = nn.Parameter(torch.zeros(n_head)) if sink else None  # (H,) logit of the null key
 
     def project(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values of encoded neighbours (B, Lc, K*R, E) -> each (B, Lc, H, K*R, Dh); neighbour
@@ -325,6 +333,15 @@ class ChunkedCrossAttention(nn.Module):
         prev = F.pad(k.unflatten(2, (-1, R))[..., :-1, :], (0, 0, 1, 0)).flatten(2, 3)  # token j-1's key; 0 at j = 0
         a = torch.sigmoid(self.key_smear).to(k.dtype)
         return apply_rope(self.attn.heads(a * k + (1 - a) * prev), *rope), self.attn.heads(v)
+
+    def with_sink(self, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append the null key: k, v (N, H, S, Dh) -> (N, H, S+1, Dh) with a zero key and value; the boolean mask
+        (N, 1, 1, S) -> an additive one (N, H, 1, S+1) whose last column is the learned logit."""
+        N, H = k.shape[0], k.shape[1]
+        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
+        bias = torch.zeros(mask.shape, dtype=k.dtype, device=k.device).masked_fill_(~mask, float("-inf"))
+        sink = self.sink.to(k.dtype).view(1, H, 1, 1).expand(N, H, 1, 1)
+        return k, v, torch.cat([bias.expand(N, H, 1, -1), sink], dim=-1)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], valid: Tensor, start: int = 0, first_chunk: int = 0) -> Tensor:
         """x: (B, t, D) states at absolute positions start..start+t-1; kv: projected neighbours of
@@ -351,7 +368,9 @@ class ChunkedCrossAttention(nn.Module):
         has_memory = (chunk >= 0) & (chunk < Lc)
         chunk = chunk.clamp(0, Lc - 1)
         k, v = (t_[:, chunk].flatten(0, 1) for t_ in kv)  # (B*Lb, H, K*R, Dh)
-        mask, has_any = safe_key_mask((valid[:, chunk] & has_memory[None, :, None]).flatten(0, 1))
+        mask, has_any = safe_key_mask((valid[:, chunk] & has_memory[None, :, None]).flatten(0, 1))  # (N, 1, 1, S)
+        if self.sink is not None:
+            k, v, mask = self.with_sink(k, v, mask)
         q_rope = rope_cos_sin(q_pos + M - 1, self.head_dim, self.rope_base)  # attending token i at M-1+i
         with short_attention(queries):
             out = self.attn.attend(queries, k, v, q_rope, mask=mask)  # (B*Lb, M or ta, D)
@@ -379,13 +398,14 @@ class DecoderBlock(nn.Module):
     """Pre-norm block: self-attention, then (in CCA layers) chunked cross-attention, then feed-forward."""
 
     def __init__(self, d_model: int, n_head: int, head_dim: int, d_ff: int, chunk_len: int, cca: bool,
-                 d_memory: int, dropout: float, norm_eps: float, rope_base: float, key_smear: bool = False):
+                 d_memory: int, dropout: float, norm_eps: float, rope_base: float, key_smear: bool = False,
+                 cca_sink: bool = False):
         super().__init__()
         self.norm_attn = nn.RMSNorm(d_model, eps=norm_eps)
         self.attn = Attention(d_model, n_head, head_dim, dropout=dropout)
         self.norm_cca = nn.RMSNorm(d_model, eps=norm_eps) if cca else None
         self.cca = ChunkedCrossAttention(d_model, n_head, head_dim, chunk_len, d_memory, dropout, rope_base,
-                                         key_smear) if cca else None
+                                         key_smear, cca_sink) if cca else None
         self.norm_ff = nn.RMSNorm(d_model, eps=norm_eps)
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
@@ -446,13 +466,15 @@ def scale_residual_projections(module: nn.Module, std: float, n_layer: int) -> N
             nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * n_layer))
 
 
-def induction_init(model: RetroModel, scale: float = 1.7, out_scale: float = 0.05) -> None:
+def induction_init(model: RetroModel, scale: float = 1.7, out_scale: float = 0.05, sink: float = 10.0) -> None:
     """Start the first CCA layer as an induction head over the neighbours (`cca_init: induction`). Its query is the
     current token x_p (q = scale * I), the smeared key of neighbour token j is mostly token j-1 (weight
     sigmoid(-4) on token j), its value is token j (v = I), and the tied output head turns that value into a vote
     for n_j (out = out_scale * I): where n_{j-1} == x_p, CCA predicts x_{p+1} = n_j. For token identities to reach
     it unmixed, the encoder and the decoder blocks up to that layer start as the identity (zero residual
     projections). A match scores ~4 scale^2 after rotary, so scale = 1.7 makes it win over K*R = 64-128 keys.
+    With `cca_sink`, the null key starts at logit `sink`: above the log-sum-exp of a query that matches nothing
+    (~5-8 at init), below that of a match (~18-25), so queries without a match start reading nothing.
     Measured in docs/retrieval.md (Training levers, row K)."""
     first = model.ca_layers[0]
     in_front = ("encoder.", *(f"blocks.{i}." for i in range(first + 1)))
@@ -466,6 +488,8 @@ def induction_init(model: RetroModel, scale: float = 1.7, out_scale: float = 0.0
         for weight, value in ((cca.attn.query.weight, scale), (keys, scale), (values, 1.0), (cca.attn.out.weight, out_scale)):
             weight.copy_(value * torch.eye(*weight.shape))
         cca.key_smear.fill_(-4.0)
+        if cca.sink is not None:
+            cca.sink.fill_(sink)
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -481,7 +505,7 @@ class RetroModel(nn.Module):
     def __init__(self, n_vocab: int, d_model: int, n_layers: int, chunk_len: int, n_heads: int, d_k: int,
                  d_ff: int, encoder: NearestNeighborEncoder | None, ca_layers: set[int] | tuple[int, ...] = (3, 5),
                  *, dropout: float = 0.0, tie_embeddings: bool = False, norm_eps: float = 1e-5,
-                 init_std: float = 0.02, rope_base: float = 10000.0, cca_init: str = "normal"):
+                 init_std: float = 0.02, rope_base: float = 10000.0, cca_init: str = "normal", cca_sink: bool = False):
         super().__init__()
         self.ca_layers = tuple(sorted(ca_layers))
         if any(not 0 <= i < n_layers for i in self.ca_layers):
@@ -498,7 +522,7 @@ class RetroModel(nn.Module):
         d_memory = encoder.d_model if self.ca_layers else d_model
         self.blocks = nn.ModuleList(
             DecoderBlock(d_model, n_heads, d_k, d_ff, chunk_len, i in self.ca_layers, d_memory, dropout, norm_eps,
-                         rope_base, key_smear=cca_init == "induction" and self.ca_layers[:1] == (i,))
+                         rope_base, key_smear=cca_init == "induction" and self.ca_layers[:1] == (i,), cca_sink=cca_sink)
             for i in range(n_layers))
         self.encoder = encoder if self.ca_layers else None
         self.norm_out = nn.RMSNorm(d_model, eps=norm_eps)
@@ -506,7 +530,7 @@ class RetroModel(nn.Module):
         self.config = RetroConfig(  # the same model as a config: checkpoints and the Lightning stack use it
             vocab_size=n_vocab, chunk_size=chunk_len, d_model=d_model, n_layer=n_layers, n_head=n_heads,
             head_dim=d_k, d_ff=d_ff, cca_layers=self.ca_layers, dropout=dropout, tie_embeddings=tie_embeddings,
-            norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, cca_init=cca_init,
+            norm_eps=norm_eps, init_std=init_std, rope_base=rope_base, cca_init=cca_init, cca_sink=cca_sink,
             **self._encoder_fields(encoder))
         init_weights(self, init_std)
         scale_residual_projections(self, init_std, n_layers)
@@ -523,7 +547,7 @@ class RetroModel(nn.Module):
             norm_eps=c.norm_eps, rope_base=c.rope_base, recompute=c.recompute_encoder) if c.cca_layers else None
         return cls(c.vocab_size, c.d_model, c.n_layer, c.chunk_size, c.n_head, c.head_dim, c.d_ff, encoder,
                    c.cca_layers, dropout=c.dropout, tie_embeddings=c.tie_embeddings, norm_eps=c.norm_eps,
-                   init_std=c.init_std, rope_base=c.rope_base, cca_init=c.cca_init)
+                   init_std=c.init_std, rope_base=c.rope_base, cca_init=c.cca_init, cca_sink=c.cca_sink)
 
     def _encoder_fields(self, encoder: NearestNeighborEncoder | None) -> dict:
         if not self.ca_layers:
