@@ -115,20 +115,20 @@ def test_diagnose_command_prints_tables_and_writes_json(tiny_workspace, tmp_path
 
 
 def test_the_demo_recipe_reads_exact_copies_on_a_twin_corpus(tmp_path, tiny_corpus, tiny_bert_path):
-    """The twin-corpus check (benchmarks/twin_corpus.py), tiny: every document twice, near-duplicate removal off, the
-    demo's levers (induction-initialised CCA, a quarter of random neighbours) on configs/tiny.yaml. Test chunks whose
-    twin is in the database score far below retrieval OFF (with `cca_init: normal` they score as OFF does after these
-    steps). Files without a twin are not asserted on: at this size they lose (tens of %, over-trust; the demo-size
-    figure is benchmarks/twin_corpus.py's)."""
-    n_docs = write_twin_corpus(str(tiny_corpus("docs", n_docs=24, words_per_doc=240, one_file_per_doc=True)),
-                               tmp_path / "twins")
-    assert n_docs == 24 and len(list((tmp_path / "twins").rglob("*.txt"))) == 48
+    """The twin-corpus check (benchmarks/twin_corpus.py), tiny: every document twice, near-duplicate removal off,
+    the demo's levers (induction-initialised CCA with null keys, a quarter of random neighbours) on
+    configs/tiny.yaml. Test chunks whose twin is in the database score far below retrieval OFF (with
+    `cca_init: normal` they score as OFF does after these steps). Files without a twin are not asserted on: at
+    this size they are a file or two (the demo-size figure is benchmarks/twin_corpus.py's)."""
+    n_files = write_twin_corpus(str(tiny_corpus("docs", n_docs=24, words_per_doc=240, one_file_per_doc=True)),
+                                tmp_path / "twins")
+    assert n_files == 48 and len(list((tmp_path / "twins").rglob("*.txt"))) == 48
     run = tmp_path / "run"
     assert main(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.corpus", str(tmp_path / "twins"),
                  "--data.workspace", str(tmp_path / "ws"), "--data.embedder", str(tiny_bert_path),
                  "--data.dedup_threshold=null", "--data.split=[0.8,0.1,0.1]", "--trainer.precision=32",
                  "--model.config.tie_embeddings=true", "--model.config.cca_init=induction",
-                 "--data.random_neighbor_rate=0.25", "--trainer.max_steps=60",
+                 "--model.config.cca_sink=true", "--data.random_neighbor_rate=0.25", "--trainer.max_steps=60",
                  f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"]) == 0
     report = twin_check(run / "checkpoints" / "last.ckpt", tmp_path / "ws")
     assert report["test_docs"]["twin in database"] > 0 and report["exact_copy_chunk_share"] > 0.9

@@ -200,20 +200,21 @@ def diagnose_workspace(
 
 # ----------------------------------------------------------------------------- twin corpus
 
-def write_twin_corpus(source: str, folder: Path) -> int:
-    """Every document of `source` twice, as `<name>` and `twin/<name>`, under a new `folder`; returns how many
-    documents. Built with near-duplicate removal off, a held-out file whose twin fell in the train split has an
-    exact copy of each of its chunks in the database: what a model that reads its neighbours can copy."""
+def write_twin_corpus(source: str, folder: Path, singles: str | None = None) -> int:
+    """Every document of `source` twice, as `<name>` and `twin/<name>`, and every document of `singles` once, under
+    a new `folder`; returns how many files. Built with near-duplicate removal off, a held-out file whose twin fell
+    in the train split has an exact copy of each of its chunks in the database: what a model that reads its
+    neighbours can copy. Held-out singles (and twins whose twin is held out too) have nothing to copy."""
     if folder.exists():
         shutil.rmtree(folder)
-    n = 0
-    for doc in iter_documents(source):
-        for name in (doc.name, f"twin/{doc.name}"):
+    names = [(doc, (doc.name, f"twin/{doc.name}")) for doc in iter_documents(source)]
+    names += [(doc, (doc.name,)) for doc in iter_documents(singles)] if singles else []
+    for doc, copies in names:
+        for name in copies:
             path = folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(doc.text, encoding="utf-8")
-        n += 1
-    return n
+    return sum(len(copies) for _, copies in names)
 
 
 def twin_check(ckpt: str | Path, workspace: str | Path, precision: str = "32", device: str = "cpu") -> dict:
