@@ -168,12 +168,16 @@ def test_evaluate_command_writes_table_json_and_plots(tiny_workspace, tmp_path, 
     out = tmp_path / "out"
     base = ["--ckpt_path", str(ckpt), "--workspace", str(ws), "--neighbors", "[1,2]", "--device", "cpu", "--quiet"]
     assert main(["evaluate", *base, "--split", "train", "--max_tokens", "120", "--baseline_ckpt", str(ckpt),
-                                 "--neighbor_source", "live", "--out_dir", str(out)]) == 0
+                 "--baselines", json.dumps({"baseline 2x": str(ckpt)}), "--neighbor_source", "live",
+                 "--out_dir", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| retrieval on (k=2) |" in table and "| baseline |" in table and "| chunks kept |" in table
+    assert "| baseline 2x |" in table
     result = json.loads((out / "eval_train.json").read_text())
     assert result["neighbors"] == "live" and result["n_tokens"] > 0  # train retrieves live, own document excluded
-    assert result["models"]["retrieval off"]["bpb"] == pytest.approx(result["models"]["baseline"]["bpb"])
+    off = result["models"]["retrieval off"]["bpb"]
+    assert off == pytest.approx(result["models"]["baseline"]["bpb"]) == pytest.approx(
+        result["models"]["baseline 2x"]["bpb"])
     assert (out / "eval_train_bpb_vs_alpha.png").exists() and (out / "eval_train_bpb_vs_k.png").exists()
     assert main(["evaluate", *base, "--split", "test", "--random_control"]) == 0  # precomputed, next to the ckpt
     result = json.loads((tmp_path / "eval_test.json").read_text())

@@ -367,6 +367,7 @@ def evaluate_checkpoint(
     corpus: str | None = None,
     neighbors: int | tuple[int, ...] = (1, 2, 4),
     baseline_ckpt: str | None = None,
+    baselines: dict[str, str] | None = None,
     seq_len: int | None = None,
     alphas: float | tuple[float, ...] = ALPHAS,
     leakage_k: int = LEAKAGE_K,
@@ -390,6 +391,7 @@ def evaluate_checkpoint(
         corpus: evaluate an outside corpus (file, folder, .jsonl, ...) instead of a split.
         neighbors: k of retrieval ON: one value, or several as [1,2,4].
         baseline_ckpt: a checkpoint trained without retrieval, scored with retrieval OFF.
+        baselines: more such checkpoints, by row name (e.g. {"baseline 2x": path}).
         seq_len: context T (default: the checkpoint's data.seq_len).
         alphas: alpha of bpb(alpha): one value, or several as [0.125,0.5].
         leakage_k: neighbours compared for r(C) (the paper's 10, whatever --neighbors).
@@ -418,8 +420,8 @@ def evaluate_checkpoint(
     scorers["retrieval off"] = Scorer(model, None)
     if random_control:
         scorers[f"random neighbours (k={max(ks)})"] = Scorer(model, max(ks), RandomNeighbors(ws, max(ks)))
-    if baseline_ckpt:
-        scorers["baseline"] = Scorer(load_checkpoint(baseline_ckpt, torch_device)[0], None)
+    for name, path in (({"baseline": baseline_ckpt} if baseline_ckpt else {}) | (baselines or {})).items():
+        scorers[name] = Scorer(load_checkpoint(path, torch_device)[0], None)
     source, lm_tokenizer = corpus or split, workspace_tokenizer(ws)
     documents = capped(corpus_documents(corpus, lm_tokenizer) if corpus else workspace_documents(ws, split), max_tokens)
     neighbors_of, how = choose_neighbors(ws, split, neighbor_source, max(ks), leakage_k, seq_len, str(torch_device),
@@ -430,7 +432,8 @@ def evaluate_checkpoint(
             precision_context(precision, torch_device):
         result = evaluate_documents(scorers, documents, neighbors_of, lm_tokenizer.token_bytes, seq_len, ws.chunk_len,
                                     leakage_k, alphas, batch_size, bar)
-    result = {"checkpoint": str(ckpt_path), "baseline": baseline_ckpt, "workspace": str(workspace),
+    result = {"checkpoint": str(ckpt_path), "baseline": baseline_ckpt, "baselines": baselines or {},
+              "workspace": str(workspace),
               "source": source, "seq_len": seq_len, "stride": window_stride(seq_len, ws.chunk_len),
               "neighbors": how, "leakage_k": leakage_k, "precision": precision,
               "seconds": round(time.time() - start, 1), **result}
