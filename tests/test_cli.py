@@ -246,6 +246,10 @@ def test_fit_validate_resume(tiny, tmp_path):
     assert ckpt["lr_schedulers"][0]["last_epoch"] == 30
     assert all(state["step"] == 30 for state in ckpt["optimizer_states"][0]["state"].values())
     assert min(int(r["step"]) for r in read_metrics(run, 2)) >= 20
+    # a new run into the same folder: last.ckpt is its own (Lightning's default left it and wrote last-v1.ckpt)
+    retro_lit("fit", *common, "--trainer.max_steps=5")
+    assert torch.load(last, weights_only=True)["global_step"] == 5
+    assert not list(run.glob("checkpoints/*-v1.ckpt"))
 
 
 @pytest.mark.slow

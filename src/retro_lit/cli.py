@@ -46,7 +46,8 @@ class RetroCLI(LightningCLI):
     """LightningCLI for `RetroLM` and `RetroDataModule`, with the vocabulary and chunk size linked from data to model.
 
     `--checkpoint.*` configures the always-present `ModelCheckpoint` (`save_last` on; its folder defaults to
-    `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`).
+    `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`; a
+    new run there replaces its checkpoints, unless `--checkpoint.enable_version_counter=true`).
     Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
     Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
     A `--ckpt_path` loads weights-only (no `--weights_only` flag): a checkpoint holding other Python objects is one
@@ -73,7 +74,9 @@ class RetroCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        # a new fit into a used folder replaces its checkpoints: with Lightning's version counter, it wrote
+        # last-v1.ckpt and left last.ckpt, which `fit --ckpt_path last`, evaluate and the demo read, the old run's
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.enable_version_counter": False})
         parser.link_arguments("data.chunk_size", "model.config.chunk_size")
         parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
 
