@@ -66,9 +66,11 @@ def main() -> int:
         baseline_ckpt=str(ckpts["baseline"]), baselines={"baseline 2x": str(ckpts["baseline 2x"])},
         alphas=tuple(sorted({alpha, *ALPHAS})), out_dir=str(run_dir), precision=args.precision)
     curves = {}
-    for name, ckpt in ckpts.items():
+    for name, ckpt in ckpts.items():  # RetroLM logs val/loss (ON) and val/loss_no_retrieval; a baseline the latter
         metrics = latest_metrics(ckpt.parent.parent)
-        curves |= {f"{name} train": metrics["train/loss"], f"{name} val": metrics["val/loss"]}
+        curves[f"{name} train"] = metrics["train/loss"]
+        val = {"val/loss": " val ON", "val/loss_no_retrieval": " val OFF" if name == "RETRO" else " val"}
+        curves |= {name + label: metrics[key] for key, label in val.items() if key in metrics}
     figure = save_figure(loss_curves_figure(curves, title="Training and validation loss"), run_dir / "loss_curves.png")
     params = {name: non_embedding_params(ckpt) for name, ckpt in ckpts.items()}
     print(markdown_table(result))
