@@ -71,7 +71,8 @@ def main() -> int:
         curves[f"{name} train"] = metrics["train/loss"]
         val = {"val/loss": " val ON", "val/loss_no_retrieval": " val OFF" if name == "RETRO" else " val"}
         curves |= {name + label: metrics[key] for key, label in val.items() if key in metrics}
-    figure = save_figure(loss_curves_figure(curves, title="Training and validation loss"), run_dir / "loss_curves.png")
+    figure = save_figure(loss_curves_figure(curves, keys=list(curves), title="Training and validation loss"),
+                         run_dir / "loss_curves.png")
     params = {name: non_embedding_params(ckpt) for name, ckpt in ckpts.items()}
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))
