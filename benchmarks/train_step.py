@@ -203,18 +203,17 @@ def main():
     print(f"{'model':>17} {'precision':>9} {'tokens/s':>9} {'rounds':>17} {'step s':>7} {'peak RSS GB':>11} "
           f"{'GFLOP/step':>10} {'matmul peak GFLOP/s':>19} {'MFU':>6} {'x faster peer':>13}")
     for (name, precision), r in results.items():
-        peers = [results[ref, precision]["tokens_per_s"] for ref in REFERENCES if (ref, precision) in results]
-        reference = max(peers) if peers else LUCIDRAINS_TOKENS_PER_S
+        reference = faster_peer(results, precision) or LUCIDRAINS_TOKENS_PER_S
         spread = "/".join(f"{x['tokens_per_s']:.0f}" for x in runs[name, precision])
         print(f"{name:>17} {precision:>9} {r['tokens_per_s']:9.0f} {spread:>17} {r['step_s']:7.2f} "
               f"{r['peak_rss_gb']:11.2f} {r['model_gflop_per_step']:10.0f} {r['matmul_peak_gflops']:19.0f} "
               f"{r['mfu']:6.1%} {r['tokens_per_s'] / reference:13.2f}")
     for (name, precision), r in results.items():  # the arithmetic floor: every FLOP at the measured matmul peak
-        peers = [results[ref, precision]["tokens_per_s"] for ref in REFERENCES if (ref, precision) in results]
-        if name == "retro_lit" and peers:
+        peer = faster_peer(results, precision)
+        if name == "retro_lit" and peer:
             ceiling = BATCH * SEQ * r["matmul_peak_gflops"] / r["model_gflop_per_step"]
-            print(f"{precision}: at 100 % MFU retro_lit would run {ceiling:.0f} tokens/s = {ceiling / max(peers):.2f}x "
-                  f"the faster peer (measured {r['tokens_per_s'] / max(peers):.2f}x)")
+            print(f"{precision}: at 100 % MFU retro_lit would run {ceiling:.0f} tokens/s = {ceiling / peer:.2f}x "
+                  f"the faster peer (measured {r['tokens_per_s'] / peer:.2f}x)")
     if args.allocators:
         for precision in {p for _, p in results}:
             ratio = results["retro_lit", precision]["tokens_per_s"] / results["retro_lit+glibc", precision]["tokens_per_s"]
@@ -224,6 +223,12 @@ def main():
           + ("(x faster peer: the faster of lucidrains and labml in this run)" if args.reference else
              f"(x faster peer: against lucidrains' quoted {LUCIDRAINS_TOKENS_PER_S:.0f} tokens/s)"))
     print(json.dumps({f"{name}/{precision}": r for (name, precision), r in results.items()}))
+
+
+def faster_peer(results: dict, precision: str) -> float | None:
+    """tokens/s of the faster reference measured at `precision` in this run, None if none ran."""
+    return max((results[ref, precision]["tokens_per_s"] for ref in REFERENCES if (ref, precision) in results),
+               default=None)
 
 
 def median_run(rounds: list[dict]) -> dict:

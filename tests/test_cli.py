@@ -136,7 +136,8 @@ def test_a_bad_flag_is_one_error_line(args, capsys):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("**/*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_config_parses(path, capsys):
-    parts = {"trainer": ["--config", TINY, "--trainer", str(path)], "logger": ["--config", TINY, "--trainer.logger", str(path)]}
+    parts = {"trainer": ["--config", TINY, "--trainer", str(path)], "logger": ["--config", TINY, "--trainer.logger", str(path)],
+             "experiments": ["--config", str(CONFIGS / "demo.yaml"), "--config", str(path)]}
     config_args = parts.get(path.parent.name, ["--config", str(path)])
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *config_args, "--print_config"])

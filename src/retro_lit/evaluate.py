@@ -420,7 +420,8 @@ def evaluate_checkpoint(
     scorers["retrieval off"] = Scorer(model, None)
     if random_control:
         scorers[f"random neighbours (k={max(ks)})"] = Scorer(model, max(ks), RandomNeighbors(ws, max(ks)))
-    for name, path in (({"baseline": baseline_ckpt} if baseline_ckpt else {}) | (baselines or {})).items():
+    without_retrieval = ({"baseline": baseline_ckpt} if baseline_ckpt else {}) | (baselines or {})
+    for name, path in without_retrieval.items():
         scorers[name] = Scorer(load_checkpoint(path, torch_device)[0], None)
     source, lm_tokenizer = corpus or split, workspace_tokenizer(ws)
     documents = capped(corpus_documents(corpus, lm_tokenizer) if corpus else workspace_documents(ws, split), max_tokens)
