@@ -25,7 +25,9 @@ torchtext, ...; labml-nn's declared dependencies would swap torch for a CUDA bui
     pip install --no-deps retro-pytorch==0.3.9 einops labml-nn==0.5.1
 
 `--rounds N` (default 3) interleaves the processes (ours, theirs, ours, theirs, ...) N times and reports each
-row's median over the rounds, so one slow or lucky process does not make the ratio.
+row's median over the rounds, so one slow or lucky process does not make the ratio. `--profile` profiles one
+more step of each process and prints where it goes (dense matmuls and their GFLOP/s against the peak, SDPA's
+kernels, everything else) and the floor of retro_lit's step: its matmul FLOPs at the peak, the rest free.
 """
 
 import argparse
@@ -112,7 +114,34 @@ def labml_model() -> torch.nn.Module:
                              c.head_dim, c.d_ff, encoder=encoder)
 
 
-def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_lit") -> dict:
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "addbmm"}  # aten ops that are dense matmuls (linear layers lower to them)
+
+
+def category(op: str) -> str:
+    """`matmul`, `attention` (SDPA's fused kernels) or `other`, for an aten op name (`aten::mm`, `aten.mm`)."""
+    name = op.replace("::", ".").removeprefix("aten.")
+    if name in MATMULS:
+        return "matmul"
+    return "attention" if "scaled_dot_product" in name or "flash_attention" in name else "other"
+
+
+def profile(step, flop_counts: dict) -> dict:
+    """One more step under torch.profiler: seconds of each op category (self time of the ops, so every op is
+    counted once) and the GFLOP of each, from the FLOP counter's per-op counts of the first step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    seconds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    top = []
+    for event in prof.key_averages():
+        seconds[category(event.key)] += event.self_cpu_time_total / 1e6
+        top.append((event.self_cpu_time_total / 1e6, event.key))
+    gflop = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for op, count in flop_counts.items():
+        gflop[category(str(op))] += count / 1e9
+    return {"seconds": seconds, "gflop": gflop, "top_ops": sorted(top, reverse=True)[:8]}
+
+
+def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_lit", with_profile: bool = False) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     tokens = torch.randint(1, BENCH.vocab_size, (BATCH, SEQ + 1))  # no 0: lucidrains masks pad id 0
@@ -162,7 +191,8 @@ def run_one(precision: str, warmup: int, steps: int, model_name: str = "retro_li
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     peak = matmul_peak(dtype)
-    return {"model": model_name, "precision": precision, "tokens_per_s": BATCH * SEQ / step_s, "step_s": step_s,
+    extra = {"profile": profile(step, counter.get_flop_counts()["Global"])} if with_profile else {}
+    return extra | {"model": model_name, "precision": precision, "tokens_per_s": BATCH * SEQ / step_s, "step_s": step_s,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "model_gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak / 1e9,
             "mfu": flops / step_s / peak, "loss": loss.item(), "params": sum(p.numel() for p in model.parameters())}
@@ -179,12 +209,15 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also run retro_lit with model.compile (its encoder layers)")
     parser.add_argument("--allocators", action="store_true",
                         help="also run retro_lit as `RETRO_LIT_ALLOCATOR=system retro-lit` does (glibc, fixed mmap threshold)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more step of each process: time and GFLOP/s of matmuls, attention, the rest")
     parser.add_argument("--child", choices=["retro_lit", "retro_lit+compile", "retro_lit+glibc", *REFERENCES],
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         fix_mmap_threshold()  # what retro_lit.commands.main does first (a no-op under mimalloc)
-        print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child.removesuffix("+glibc"))))
+        print(json.dumps(run_one(args.precision, args.warmup, args.steps, args.child.removesuffix("+glibc"),
+                                 args.profile)))
         return
     runs = {}  # (name, precision) -> one result per round
     names = (["retro_lit"] + ["retro_lit+glibc"] * args.allocators + ["retro_lit+compile"] * args.compile
@@ -194,7 +227,8 @@ def main():
             for name in names:  # mimalloc, as `retro-lit` runs, but for +glibc: the allocator the process starts with
                 env = os.environ | {SWITCH: "system"} if name.endswith("+glibc") else allocator_env()
                 out = subprocess.run([sys.executable, __file__, "--child", name, "--precision", precision,
-                                      "--warmup", str(args.warmup), "--steps", str(args.steps)],
+                                      "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                                     + ["--profile"] * args.profile,
                                      check=True, capture_output=True, text=True, env=env)
                 runs.setdefault((name, precision), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {key: median_run(rs) for key, rs in runs.items()}
@@ -214,6 +248,8 @@ def main():
             ceiling = BATCH * SEQ * r["matmul_peak_gflops"] / r["model_gflop_per_step"]
             print(f"{precision}: at 100 % MFU retro_lit would run {ceiling:.0f} tokens/s = {ceiling / peer:.2f}x "
                   f"the faster peer (measured {r['tokens_per_s'] / peer:.2f}x)")
+    if args.profile:
+        print_profiles(results)
     if args.allocators:
         for precision in {p for _, p in results}:
             ratio = results["retro_lit", precision]["tokens_per_s"] / results["retro_lit+glibc", precision]["tokens_per_s"]
@@ -223,6 +259,27 @@ def main():
           + ("(x faster peer: the faster of lucidrains and labml in this run)" if args.reference else
              f"(x faster peer: against lucidrains' quoted {LUCIDRAINS_TOKENS_PER_S:.0f} tokens/s)"))
     print(json.dumps({f"{name}/{precision}": r for (name, precision), r in results.items()}))
+
+
+def print_profiles(results: dict):
+    """Where each median run's profiled step goes: per op category, seconds, share, GFLOP and GFLOP/s (x the
+    matmul peak); then the floor of retro_lit's step if everything but the matmuls took no time."""
+    print("profile of one more step per median run (self time of ops under torch.profiler, whose overhead "
+          "makes the step a little longer)")
+    for (name, precision), r in results.items():
+        prof, peak = r["profile"], r["matmul_peak_gflops"]
+        total = sum(prof["seconds"].values())
+        cells = []
+        for cat in ("matmul", "attention", "other"):
+            s, g = prof["seconds"][cat], prof["gflop"][cat]
+            rate = f", {g / s:.0f} GFLOP/s = {g / s / peak:.0%} of peak" if g and s else ""
+            cells.append(f"{cat} {s:.2f} s ({s / total:.0%}; {g:.0f} GFLOP{rate})")
+        print(f"  {name} {precision}: {total:.2f} s = " + "; ".join(cells))
+        print("    top ops: " + ", ".join(f"{key} {s:.2f} s" for s, key in prof["top_ops"]))
+        if name == "retro_lit":
+            floor = prof["gflop"]["matmul"] / peak
+            print(f"    floor: its {prof['gflop']['matmul']:.0f} matmul GFLOP at the {peak:.0f} GFLOP/s peak = "
+                  f"{floor:.2f} s, {BATCH * SEQ / floor:.0f} tokens/s, with everything else free")
 
 
 def faster_peer(results: dict, precision: str) -> float | None:
