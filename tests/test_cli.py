@@ -99,6 +99,15 @@ def test_help_lists_every_command(capsys):
     assert set(COMMANDS) == {"build-db", "add-docs", "generate", "evaluate", "diagnose", "demo"}
 
 
+def test_fit_help_documents_the_model_configs_fields(capsys):
+    # field docstrings are read only when help is printed (they cost ~2 s per parser build otherwise)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model.config.cca_sink {true,false} Give every CCA head a null key" in help_text
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_and_prints_its_config(command, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -64,7 +64,10 @@ def committed_without_outputs(nb) -> bool:
     return all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
-@pytest.mark.parametrize("name", list(TINY))
+# 03 runs in the default suite (kernel, injected parameters, training, evaluation, W&B, figures); 01 and 02, whose
+# API the quick-start example and the unit tests also cover, are `slow` (~15-20 s each: a kernel importing Lightning)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] * (name != "03_train_and_evaluate"))
+                                  for name in TINY])
 def test_notebook_runs_headless(name, tiny_inputs, tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     assert committed_without_outputs(nb), f"{name}.ipynb is committed with outputs; clear them"
