@@ -2,9 +2,9 @@
 
 `configs/demo.yaml` with `configs/experiments/stdlib-long.yaml` on top: the demo's RETRO and database, 400 steps.
 The baselines are the same config without CCA (the demo's baseline) and without CCA at 8 decoder layers
-instead of 4. All three are trained with the same data, steps and schedule, then scored on the held-out test files: bpb with retrieval ON (k = 2), OFF, random
-train chunks as neighbours (the control), both baselines, and bpb(alpha) (chunks sharing more than 8 tokens with a
-neighbour dropped). Writes eval_test.json, the bpb(alpha) plot and the loss curves under the run folder; prints a
+instead of 4. All three are trained with the same data, steps and schedule, then scored on the held-out test
+files: bpb with retrieval ON (k = 2), OFF, random train chunks as neighbours (the control), both baselines, and
+bpb(alpha) (chunks sharing more than 8 tokens with a neighbour dropped). Writes eval_test.json, the bpb(alpha) plot and the loss curves under the run folder; prints a
 table and one JSON line.
 
     python benchmarks/long_experiment.py [--max_steps N] [--retrain] [--precision bf16|32]
