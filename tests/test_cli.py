@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -16,6 +17,7 @@ from helpers import make_corpus
 from retro_lit.cli import RetroCLI
 from retro_lit.commands import COMMANDS, Command, main
 from retro_lit.data import RetroDataModule
+from retro_lit.demo import BASELINE
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.yaml")
@@ -171,6 +173,33 @@ def test_links_vocab_and_chunk_size_from_data(tiny, tmp_path):
     cli = RetroCLI(args=args_for(tiny, tmp_path), run=False)
     assert cli.model.hparams.config["vocab_size"] == 257 and cli.model.hparams.config["chunk_size"] == 16
     assert cli.model.model.chunk_len == 16 and cli.model.model.token_emb.num_embeddings == 257
+
+
+class FirstBatches(L.Callback):
+    """Records the input ids of the training batches a fit sees."""
+
+    def __init__(self):
+        self.input_ids = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.input_ids.append(batch.input_ids.clone())
+
+
+def first_batches(tiny, run_dir, *extra) -> torch.Tensor:
+    cli = RetroCLI(args=args_for(tiny, run_dir, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                                 "--trainer.logger=false", *extra), run=False)
+    recorder = FirstBatches()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return torch.stack(recorder.input_ids)  # (steps, B, T)
+
+
+def test_retro_and_its_baseline_train_on_the_same_batches_in_the_same_order(tiny, tmp_path):
+    retro = first_batches(tiny, tmp_path / "retro")
+    baseline = first_batches(tiny, tmp_path / "baseline", *BASELINE)  # fewer parameters: fewer draws at init
+    assert torch.equal(retro, baseline)
+    other_seed = first_batches(tiny, tmp_path / "seed1", "--seed_everything=1")
+    assert not torch.equal(retro, other_seed)  # the order follows the run's seed
 
 
 @pytest.mark.parametrize("command", ["fit", "test", "predict"])
