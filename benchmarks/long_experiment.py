@@ -22,7 +22,7 @@ from pathlib import Path
 from retro_lit.demo import BASELINE, COPY_RUN, fit_or_reuse, retrieval_summary
 from retro_lit.embedder import fast_precision, resolve_device
 from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, markdown_table
-from retro_lit.generate import load_checkpoint
+from retro_lit.checkpoint import load_checkpoint
 from retro_lit.plots import loss_curves_figure, read_metrics_csv, save_figure
 from retro_lit.workspace import open_workspace
 

@@ -4,15 +4,16 @@ Every document of a standard-library corpus appears twice (`x.py` and `twin/x.py
 so whole-document exclusion still leaves a held-out file's twin retrievable when the twin fell in the train split:
 its chunks have exact copies among their neighbours. The files of other packages (`--singles`) appear once, so
 that enough held-out files have no twin. The model of `configs/demo.yaml` is trained for the config's
-steps on this corpus, then scored on the test files, retrieval ON vs OFF:
+steps on this corpus, then scored on the validation files (`--split test` once, for the recipe finally chosen),
+retrieval ON vs OFF:
 
-- test files whose twin is in the database: bpb on the chunks with an exact copy among their neighbours
+- held-out files whose twin is in the database: bpb on the chunks with an exact copy among their neighbours
   (r(C) = 1), target ON <= 0.5 x OFF;
-- test files whose twin is not in the database (singles, or a twin in val or test): bpb ON within 1 % of OFF
+- held-out files whose twin is not in the database (singles, or a twin in val or test): bpb ON within 1 % of OFF
   (retrieval must not hurt where it has nothing to offer).
 
     python benchmarks/twin_corpus.py [--corpus python-stdlib:json,...] [--singles ...] [--max_steps N] [--out DIR] \
-        [--precision 32] [-- --model.config.cca_init=normal --data.random_neighbor_rate=0 ...]
+        [--precision 32] [--split validation|test] [-- --model.config.cca_init=normal --data.random_neighbor_rate=0 ...]
 
 Arguments after `--` are LightningCLI overrides of the config (the lever under test).
 
@@ -46,6 +47,8 @@ def main() -> int:
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--precision", choices=("bf16", "32"), default=fast_precision(resolve_device("auto")),
                    help="training and scoring (default: bf16 where the CPU has bf16 units, else 32)")
+    p.add_argument("--split", choices=("validation", "test"), default="validation",
+                   help="held-out files scored: compare levers on validation; test once, for the chosen recipe")
     p.add_argument("overrides", nargs="*", help="LightningCLI overrides, after --")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the build's and training's progress lines
@@ -61,10 +64,10 @@ def main() -> int:
     report = {"benchmark": "twin_corpus", "corpus": args.corpus, "singles": args.singles, "files": n_files,
               "config": args.config, "max_steps": args.max_steps, "overrides": args.overrides,
               "precision": args.precision,
-              "checkpoint": str(ckpt), **twin_check(ckpt, workspace, args.precision)}
+              "checkpoint": str(ckpt), **twin_check(ckpt, workspace, args.precision, split=args.split)}
     report["seconds"] = round(time.time() - start, 1)
     copy_on, copy_off = report["exact_copy_bpb_on"], report["exact_copy_bpb_off"]
-    print(f"\n| test files | chunks | bpb ON | bpb OFF | ON / OFF | target |\n|---|---|---|---|---|---|\n"
+    print(f"\n| {args.split} files | chunks | bpb ON | bpb OFF | ON / OFF | target |\n|---|---|---|---|---|---|\n"
           f"| twin in database, chunks with an exact copy | {report['exact_copy_chunk_share']:.1%} | {copy_on:.4f} | "
           f"{copy_off:.4f} | {report['exact_copy_ratio']:.3f} | <= 0.5 |\n"
           f"| twin not in database | all | {report['no_twin_bpb_on']:.4f} | {report['no_twin_bpb_off']:.4f} | "

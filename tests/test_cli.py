@@ -231,7 +231,8 @@ UPSTREAM_NOTICES = (
 def test_a_fit_logged_to_a_file_shows_progress_and_no_upstream_notices(tiny, tmp_path):
     log = tmp_path / "fit.log"
     # PYTHONWARNINGS=default: deprecations show as in a developer's run (Python hides most of them otherwise)
-    retro_lit("fit", *args_for(tiny, tmp_path / "run", "--trainer.max_steps=4", "--trainer.val_check_interval=2"),
+    retro_lit("fit", *args_for(tiny, tmp_path / "run", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+                               "--trainer.enable_model_summary=null"),  # the default, which tiny.yaml turns off
               log=log, env={"PYTHONWARNINGS": "default"})
     text = log.read_text()
     real = "The number of training batches (6) is smaller than the logging interval"  # 51 sequences, log every 10
@@ -242,6 +243,8 @@ def test_a_fit_logged_to_a_file_shows_progress_and_no_upstream_notices(tiny, tmp
                      text, re.M), text
     assert len(re.findall(r"validate: 1/1 batch \(100%\), .*val/loss=[\d.]+", text)) == 2, text  # steps 2 and 4
     assert not [notice for notice in UPSTREAM_NOTICES if notice in text], text
+    assert re.search(r"^model: RetroModel, [\d.]+M parameters \([\d.]+M trainable, 0.00M frozen\)$", text, re.M)
+    assert "FLOPs" not in text and "model summary" not in text, text  # Lightning's table under bf16-mixed
     assert not re.search(r"\.py:\d+: ", text), text  # nor any other warning (`file.py:line: message`)
 
 

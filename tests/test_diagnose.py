@@ -130,6 +130,6 @@ def test_the_demo_recipe_reads_exact_copies_on_a_twin_corpus(tmp_path, tiny_corp
                  "--model.config.tie_embeddings=true", "--model.config.cca_init=induction",
                  "--model.config.cca_sink=true", "--data.random_neighbor_rate=0.25", "--trainer.max_steps=60",
                  f"--trainer.default_root_dir={run}", "--trainer.enable_progress_bar=false"]) == 0
-    report = twin_check(run / "checkpoints" / "last.ckpt", tmp_path / "ws")
-    assert report["test_docs"]["twin in database"] > 0 and report["exact_copy_chunk_share"] > 0.9
+    report = twin_check(run / "checkpoints" / "last.ckpt", tmp_path / "ws", split="test")
+    assert report["split"] == "test" and report["docs"]["twin in database"] > 0 and report["exact_copy_chunk_share"] > 0.9
     assert report["exact_copy_ratio"] < 0.5, report

@@ -17,8 +17,8 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 from retro_lit.build import build_workspace
 from retro_lit.commands import main
 from retro_lit.corpus import MinHash, iter_documents, text_segments
+from retro_lit.checkpoint import load_checkpoint
 from retro_lit.embedder import BERTForChunkEmbeddings
-from retro_lit.generate import load_checkpoint
 from retro_lit.malloc import allocator_env
 from retro_lit.tokenizer import byte_tokenizer, train_bpe
 from retro_lit.workspace import RetroError
@@ -131,6 +131,43 @@ def test_a_checkpoint_with_a_corrupt_pickle_is_one_error_too(tmp_path):
             bad.writestr(name, b"\x80\x02garbage" if name.endswith("data.pkl") else ok.read(name))
     with pytest.raises(RetroError, match=r"is not what a weights-only load reads \(Unsupported operand \d+\); refusing"):
         load_checkpoint(tmp_path / "bad.ckpt", torch.device("cpu"))
+
+
+def not_a_retro_checkpoint(kind: str, path: Path, tiny: dict) -> tuple[Path, str]:
+    """A file given as a checkpoint that is none of ours, and what its one error line must say."""
+    if kind == "two bytes":
+        path.write_bytes(b"hi")
+        return path, r"is not a PyTorch checkpoint \(not a PyTorch zip archive\)"
+    if kind == "a folder":
+        path.mkdir()
+        return path, r"no checkpoint at .* \(a folder\)"
+    if kind == "a plain tensor file":
+        torch.save({"weights": torch.zeros(2)}, path)
+        return path, "without a state_dict, not a Lightning checkpoint"
+    if kind == "another project's Lightning checkpoint":
+        torch.save({"state_dict": {"layer.weight": torch.zeros(2, 2)}, "hyper_parameters": {"hidden": 8, "lr": 0.1},
+                    "pytorch-lightning_version": "2.5.0"}, path)
+        return path, r"a Lightning checkpoint of another model: its hyper-parameters \(hidden, lr\)"
+    checkpoint = torch.load(tiny["ckpt"], weights_only=True)  # ours, with a weight of another shape
+    name = next(k for k in checkpoint["state_dict"] if k.endswith("token_emb.weight"))
+    checkpoint["state_dict"][name] = torch.zeros(3, 3)
+    torch.save(checkpoint, path)
+    return path, "its weights do not fit its own model config"
+
+
+@pytest.mark.parametrize("kind", ["two bytes", "a folder", "a plain tensor file", "another project's Lightning checkpoint",
+                                  "mismatched weights"])
+@pytest.mark.parametrize("command", ["evaluate", "generate", "diagnose"])
+def test_a_file_that_is_no_retro_lit_checkpoint_is_one_error_line(tiny, kind, command, tmp_path, capsys):
+    ckpt, says = not_a_retro_checkpoint(kind, tmp_path / "given.ckpt", tiny)
+    argv = {"evaluate": ["evaluate", "--workspace", tiny["workspace"], "--device", "cpu"],
+            "generate": ["generate", "--workspace", tiny["workspace"], "--prompt", "the king", "--device", "cpu"],
+            "diagnose": ["diagnose", "--workspace", tiny["workspace"], "--device", "cpu"]}[command]
+    assert main([*argv, "--ckpt_path", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: checkpoint {ckpt}" if kind != "a folder" else "error: no"), err
+    assert re.search(says, err), err
+    assert "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------- huge documents

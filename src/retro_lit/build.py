@@ -31,8 +31,8 @@ from retro_lit.index import build_index, check_factory
 from retro_lit.neighbors import compute_neighbors
 from retro_lit.tokenizer import check_spec
 from retro_lit.verify import check_workspace
-from retro_lit.workspace import (FORMAT_VERSION, STAGES, RetroError, check_settings, finish_stage, holding_lock,
-                                 neighbors_key, open_workspace, read_manifest, write_manifest)
+from retro_lit.workspace import (FORMAT_VERSION, MANIFEST, STAGES, RetroError, check_settings, finish_stage,
+                                 holding_lock, neighbors_key, open_workspace, read_manifest, write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,21 @@ def build_workspace(
             built_now = True
         if name == until:
             break
-    if until == "neighbors":
+    if until == "neighbors" and (first_report(build.root) or built_now):
         log.info("%s", format_summary(build_summary(build.root, num_neighbors, seq_len), built_now=built_now))
     return build.root
+
+
+_reported: set[tuple[str, int]] = set()  # (workspace, manifest mtime) summaries this process has logged
+
+
+def first_report(root: Path) -> bool:
+    """True the first time this process asks about workspace `root` as it is now: a run that fits several models
+    on one workspace (the demo, the benchmarks) logs its summary once, not once per fit."""
+    key = (str(root.resolve()), (root / MANIFEST).stat().st_mtime_ns)
+    first = key not in _reported
+    _reported.add(key)
+    return first
 
 
 def embedder_dtype(workspace: str | Path, precision: str) -> torch.dtype | None:

@@ -23,12 +23,13 @@ import docstring_parser
 import yaml
 from jsonargparse import ActionYesNo, set_parsing_settings
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from retro_lit.checkpoint import refuse_unpickling
 from retro_lit.data import RetroDataModule
-from retro_lit.lit import LogProgressBar, NeighborTableCallback, RetroLM, refuse_unpickling
+from retro_lit.lit import LogProgressBar, NeighborTableCallback, ParameterSummary, RetroLM
 from retro_lit.workspace import RetroError
 
 
@@ -59,9 +60,10 @@ class RetroCLI(LightningCLI):
     `<trainer.default_root_dir>/checkpoints`, so `fit --ckpt_path last` finds the previous run's `last.ckpt`; a
     new run there replaces its checkpoints, unless `--checkpoint.enable_version_counter=true`).
     Unless the config says otherwise, the Trainer logs to CSV in `default_root_dir` and shows progress as
-    Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line).
+    Lightning's tqdm bar on a terminal, else as `LogProgressBar` lines (a redrawn bar in a log is one endless line),
+    and sums up the model in one `ParameterSummary` line instead of Lightning's model summary table.
     A `--ckpt_path` loads weights-only (no `--weights_only` flag): a checkpoint holding other Python objects is one
-    `RetroError` line (`retro_lit.lit.refuse_unpickling`), never unpickled.
+    `RetroError` line (`retro_lit.checkpoint.refuse_unpickling`), never unpickled.
 
     `commands` maps more subcommand names to typed functions: their parameters become the subcommand's options
     (help from the docstring's `Args:`; a `bool` is a `--name`/`--no_name` flag), and the function runs with them;
@@ -159,10 +161,15 @@ class RetroCLI(LightningCLI):
             kwargs.setdefault("logger", CSVLogger(config.get("default_root_dir") or os.getcwd()))
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        extra = []
         # (Lightning refuses a progress bar callback with enable_progress_bar false, and a second one)
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            bar = TQDMProgressBar() if sys.stderr.isatty() else LogProgressBar()
-            kwargs.setdefault("callbacks", [*callbacks, bar])
+            extra.append(TQDMProgressBar() if sys.stderr.isatty() else LogProgressBar())
+        if config.get("enable_model_summary") is None and not any(isinstance(c, ModelSummary) for c in callbacks):
+            kwargs.setdefault("enable_model_summary", False)  # unless asked for: one line, not its table
+            extra.append(ParameterSummary())
+        if extra:
+            kwargs.setdefault("callbacks", [*callbacks, *extra])
         return super().instantiate_trainer(**kwargs)
 
 

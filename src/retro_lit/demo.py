@@ -20,10 +20,11 @@ import logging
 import time
 from pathlib import Path
 
+from retro_lit.checkpoint import load_checkpoint, precision_context, reuse_loaded_checkpoints
 from retro_lit.cli import RetroCLI
 from retro_lit.embedder import fast_precision, resolve_device
 from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, leakage_demonstration, leakage_table, markdown_table
-from retro_lit.generate import generate_text, load_checkpoint, precision_context
+from retro_lit.generate import generate_text
 from retro_lit.workspace import RetroError, open_workspace
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,20 @@ def demo(
         baseline_ckpt, _ = fit_or_reuse(fit_config, overrides + BASELINE + [f"--trainer.default_root_dir={base_dir}"],
                                    retrain, "baseline")
 
-    stage("evaluating the held-out test files: retrieval ON, OFF, random neighbours, baseline; bpb by overlap")
     alpha = COPY_RUN / open_workspace(workspace_path).chunk_len
-    result, written = evaluate_checkpoint(
-        str(ckpt), str(workspace_path), split="test", neighbors=(2,), random_control=True, out_dir=str(run_path),
-        precision=precision, alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
-        baseline_ckpt=str(baseline_ckpt) if baseline_ckpt else None,
-    )
-    stage("knowledge update: the test files, then edited copies of them, added to copies of the database")
-    update = knowledge_update(ckpt, workspace_path, run_path, eval_tokens, alpha, precision)
+    with reuse_loaded_checkpoints():  # the trained model is read from its file once for the three steps
+        stage("evaluating the held-out test files: retrieval ON, OFF, random neighbours, baseline; bpb by overlap")
+        result, written = evaluate_checkpoint(
+            str(ckpt), str(workspace_path), split="test", neighbors=(2,), random_control=True, out_dir=str(run_path),
+            precision=precision, alphas=tuple(sorted({alpha, *ALPHAS})), max_tokens=eval_tokens or None,
+            baseline_ckpt=str(baseline_ckpt) if baseline_ckpt else None,
+        )
+        stage("knowledge update: the test files, then edited copies of them, added to copies of the database")
+        update = knowledge_update(ckpt, workspace_path, run_path, eval_tokens, alpha, precision)
 
-    stage("generating with live retrieval")
-    generate_text(str(ckpt), str(workspace_path), prompt, max_new_tokens=96, temperature=0.8, top_k=40, seed=0,
-                  show_retrieval=True, precision=precision)
+        stage("generating with live retrieval")
+        generate_text(str(ckpt), str(workspace_path), prompt, max_new_tokens=96, temperature=0.8, top_k=40, seed=0,
+                      show_retrieval=True, precision=precision)
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))

@@ -29,7 +29,7 @@ from retro_lit.corpus import iter_documents
 from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, choose_neighbors,
                                 evaluate_documents, longest_common_substring, workspace_documents)
 from retro_lit.embedder import resolve_device
-from retro_lit.generate import load_checkpoint, precision_context
+from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.retrofit import RetroFitModel
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.verify import checked_workspace
@@ -217,20 +217,25 @@ def write_twin_corpus(source: str, folder: Path, singles: str | None = None) -> 
     return sum(len(copies) for _, copies in names)
 
 
-def twin_check(ckpt: str | Path, workspace: str | Path, precision: str = "32", device: str = "cpu") -> dict:
-    """Score a checkpoint on the test files of a twin-corpus workspace (`write_twin_corpus`), retrieval ON (its
+def twin_check(ckpt: str | Path, workspace: str | Path, precision: str = "32", device: str = "cpu",
+               split: str = "val") -> dict:
+    """Score a checkpoint on the held-out files of a twin-corpus workspace (`write_twin_corpus`), retrieval ON (its
     precomputed neighbours) and OFF: files whose twin is in the train split (the database), on their chunks with an
-    exact copy among the neighbours (r(C) = 1), and files whose twin is not (nothing to copy: ON must not hurt)."""
+    exact copy among the neighbours (r(C) = 1), and files whose twin is not (nothing to copy: ON must not hurt).
+    `split` is the validation files by default, where levers are compared; the test files score a chosen recipe."""
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in ("val", "test"):
+        raise RetroError(f"the twin check scores held-out files: split must be validation or test, got {split!r}")
     ws = checked_workspace(workspace)
     split_of = {d["name"]: d["split"] for d in ws.documents}
     twin_of = lambda name: name.removeprefix("twin/") if name.startswith("twin/") else f"twin/{name}"  # noqa: E731
     torch_device = resolve_device(device)
     model, data = load_checkpoint(str(ckpt), torch_device)
     k, seq_len = int(data["num_neighbors"]), int(data["seq_len"])
-    neighbors_of, _ = choose_neighbors(ws, "test", "precomputed", k, k, seq_len)
+    neighbors_of, _ = choose_neighbors(ws, split, "precomputed", k, k, seq_len)
     scorers = {"on": Scorer(model, k), "off": Scorer(model, None)}
     groups = {"twin in database": [], "twin not in database": []}
-    for doc in workspace_documents(ws, "test"):
+    for doc in workspace_documents(ws, split):
         groups["twin in database" if split_of.get(twin_of(doc.name)) == "train" else "twin not in database"].append(doc)
     results = {}
     with precision_context(precision, torch_device):
@@ -238,7 +243,7 @@ def twin_check(ckpt: str | Path, workspace: str | Path, precision: str = "32", d
             results[group] = evaluate_documents(scorers, docs, neighbors_of, workspace_tokenizer(ws).token_bytes,
                                                 seq_len, ws.chunk_len, leakage_k=k, alphas=(0.999,)) if docs else None
     copies, alone = results["twin in database"], results["twin not in database"]
-    report = {"test_docs": {group: len(docs) for group, docs in groups.items()}}
+    report = {"split": split, "docs": {group: len(docs) for group, docs in groups.items()}}
     if copies is not None:
         on, off = (copies["models"][m]["bpb_above_alpha"][0.999] for m in ("on", "off"))
         report |= {"exact_copy_chunk_share": 1 - copies["kept_fraction"][0.999], "exact_copy_bpb_on": on,

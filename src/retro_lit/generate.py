@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.embedder import resolve_device
 from retro_lit.index import RetroIndex
-from retro_lit.lit import load_checkpoint_dict, retro_lm_from_checkpoint
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.verify import checked_workspace
 from retro_lit.workspace import RetroError
@@ -176,26 +176,6 @@ def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) ->
 
 
 # ----------------------------------------------------------------------------- checkpoints and the command
-
-def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> tuple[nn.Module, dict]:
-    """(model in eval mode on `device`, the datamodule hparams saved with it or {}) from a RetroLM checkpoint, read
-    once and weights-only (`retro_lit.lit.load_checkpoint_dict`)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise RetroError(f"no checkpoint at {path}")
-    checkpoint = load_checkpoint_dict(path)
-    model = retro_lm_from_checkpoint(checkpoint).model
-    return model.eval().to(device), dict(checkpoint.get("datamodule_hyper_parameters") or {})
-
-
-def precision_context(precision: str, device: torch.device):
-    """bf16 autocast for `bf16`, nothing for `32` (fp16 is not offered: ~100x slower on CPU)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "32":
-        raise RetroError(f"--precision must be 32 or bf16, got {precision!r}")
-    return torch.autocast(device.type, enabled=False)
-
 
 def generate_text(
     ckpt_path: str,

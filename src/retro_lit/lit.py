@@ -4,34 +4,28 @@ Validation and test run with retrieval ON (the pre-computed neighbors), OFF (`ne
 logged as `val/loss`, `val/ppl`, `val/bpb` and `val/loss_no_retrieval`, `val/ppl_no_retrieval`,
 `val/bpb_no_retrieval` (same for `test/`).
 
-Checkpoints load weights-only (`load_checkpoint_dict`): tensors, containers and plain data, never other Python
-objects, whose unpickling could run arbitrary code. The project's own checkpoints need nothing else: `RetroLM` keeps
-its config dataclasses as dicts in its hyperparameters, and the CLI saves the parsed config as plain data. A file
-that holds other objects is refused with one `RetroError` line.
+`RetroLM` keeps its config dataclasses as dicts in its hyperparameters, so that its checkpoints load weights-only
+(`retro_lit.checkpoint`).
 """
 
-import inspect
 import math
-import pickle
-import re
 from dataclasses import asdict, replace
 from functools import partial
-from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import OptimizerCallable, instantiate_module
+from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from retro_lit.data import IGNORE_INDEX, RetroSample
 from retro_lit.model import RetroConfig, RetroModel
 from retro_lit.progress import ProgressLog
 from retro_lit.retrofit import RetroFitConfig, RetroFitModel
-from retro_lit.workspace import RetroError
 
 
 class LanguageModelMetrics(Metric):
@@ -201,41 +195,16 @@ class RetroLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def refuse_unpickling(path, error: pickle.UnpicklingError) -> NoReturn:
-    """Raise torch's refusal to unpickle checkpoint `path` weights-only as one `RetroError` line (torch's own
-    message advises loading it with `weights_only=False`, which runs whatever the file holds); any other
-    unpickling error as it is."""
-    message = str(error)
-    if not message.startswith("Weights only load failed"):
-        raise error
-    found = re.search(r"GLOBAL (\S+)", message)
-    if found:
-        what = f"holds a Python object ({found.group(1)}) beyond tensors and plain data"
-    else:
-        detail = message.partition("WeightsUnpickler error:")[2].strip().split("\n")[0]
-        what = f"is not what a weights-only load reads ({detail})"
-    refusal = "refusing to load it (unpickling it could run arbitrary code)"
-    raise RetroError(f"checkpoint {path} {what}; {refusal}") from error
+class ParameterSummary(L.Callback):
+    """One line when a fit starts: the model's parameters, trainable and frozen. It stands in for Lightning's model
+    summary table, which warns that bf16-mixed is not supported and prints a FLOPs column of zeros (it counts
+    FLOPs only with an example input)."""
 
-
-def load_checkpoint_dict(path: str | Path) -> dict:
-    """The contents of checkpoint `path`, loaded once and weights-only, its tensors memory-mapped on the CPU."""
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        refuse_unpickling(path, e)
-
-
-def retro_lm_from_checkpoint(checkpoint: dict) -> RetroLM:
-    """`RetroLM` from a loaded checkpoint, as `RetroLM.load_from_checkpoint` builds it from the file: from its
-    `hyper_parameters` (through the CLI's instantiator when the CLI saved them), then its `state_dict`, strictly."""
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
-    saved_by_cli = hparams.pop("_instantiator", None) is not None
-    names = inspect.signature(RetroLM).parameters  # (so never a `_class_path`: always RetroLM, no other import)
-    hparams = {k: v for k, v in hparams.items() if k in names}
-    lm = instantiate_module(RetroLM, hparams) if saved_by_cli else RetroLM(**hparams)
-    lm.load_state_dict(checkpoint["state_dict"])
-    return lm
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sizes = [(p.numel(), p.requires_grad) for p in pl_module.parameters()]
+        total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+        rank_zero_info(f"model: {type(getattr(pl_module, 'model', pl_module)).__name__}, {total / 1e6:.2f}M parameters "
+                       f"({trainable / 1e6:.2f}M trainable, {(total - trainable) / 1e6:.2f}M frozen)")
 
 
 class NeighborTableCallback(L.Callback):
