@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from retro_lit.cli import silence_upstream_notices
 from retro_lit.demo import BASELINE, COPY_RUN, fit_or_reuse
 from retro_lit.embedder import fast_precision, resolve_device
 from retro_lit.evaluate import evaluate_checkpoint
@@ -115,6 +116,7 @@ def main() -> int:
     if len(set(args.seeds)) < 2:
         p.error("give at least two distinct --seeds: one seed has no spread")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    silence_upstream_notices()
     start, root = time.time(), Path(args.run_root)
     results = {}
     for steps in args.steps:

@@ -96,6 +96,8 @@ def demo(
     stage(f"done in {(time.time() - start) / 60:.1f} min")
     print(markdown_table(result))
     print("\n" + retrieval_summary(result, alpha))
+    print("(one seed; RETRO and the baseline saw the same batches. Mean ± sd over seeds: benchmarks/seeds.py, "
+          "docs/results.md § Seeds)")
     print("\nknowledge update (no retraining): the test files from the database as built, with themselves added "
           "(the leakage case), with edited copies added\n" + update)
     print(f"\nworkspace:   {workspace_path}\ncheckpoint:  {ckpt}\nlogs:        {run_path}  (metrics.csv under "

@@ -33,6 +33,16 @@ Paper facts honoured here (Algorithm 1):
 
 `ca_layers` are 0-based layer indices, as in labml.ai's implementation: the paper's "CCA every 3rd
 layer from layer 6" in a 12-layer model is ca_layers={5, 8, 11}.
+
+Departures from the paper (README, "Departures from the paper"); the paper-exact setting is each default:
+  * `cca_init="induction"` (default "normal"): the first CCA layer starts as an induction head over the
+    neighbours, with smeared keys (`ChunkedCrossAttention(key_smear=True)`), and the encoder and the decoder
+    blocks up to it start as the identity (`induction_init`): a copying path at step 0.
+  * `cca_sink=True` (default False): a null key per CCA head, learned logit and zero value, so that a token no
+    neighbour fits reads nothing.
+  * `tie_embeddings=True` (default False): needed by the induction init.
+  * Rotary positions in CCA and the encoder (always), for the paper's relative positions (above).
+  The data's departures (random neighbours, the copy warm-up) are `RetroDataModule`'s.
 """
 
 from __future__ import annotations
