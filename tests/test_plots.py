@@ -23,6 +23,16 @@ def test_evaluation_figures(tmp_path):
     assert len(fig.axes[0].get_legend().get_texts()) == 3
 
 
+def test_database_scaling_figure(tmp_path):
+    sizes = [24_626, 49_252, 98_504, 197_008]
+    fig = plots.database_scaling_figure(sizes, {"retrieval on": [1.39, 1.38, 1.37, 1.37], "random": [1.49] * 4},
+                                        {"retrieval off": [1.48] * 4, "baseline": [1.47] * 4}, share=[0.4, 0.45, 0.5, 0.5])
+    assert_labelled(fig)
+    assert fig.axes[0].get_xscale() == "log"
+    assert len(fig.axes[0].get_legend().get_texts()) == 5  # four curves and the share, one legend
+    assert plots.save_figure(fig, tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_write_evaluation_plots_from_json(tmp_path):
     result = {"source": "validation", "kept_fraction": {0.5: 0.6, 1.0: 1.0},
               "models": {"retrieval on (k=1)": {"k": 1, "bpb": 1.5, "bpb_alpha": {0.5: 1.7, 1.0: 1.5}},

@@ -1,4 +1,4 @@
-"""Every figure of retro_lit: evaluation (bpb vs alpha, bpb vs k), training (loss curves from a Lightning
+"""Every figure of retro_lit: evaluation (bpb vs alpha, bpb vs k, bpb vs database size), training (loss curves from a Lightning
 `metrics.csv`), retrieval (neighbour-distance histogram, index recall bars).
 
 Each `*_figure` function builds and returns a matplotlib `Figure` on the Agg canvas (no pyplot, no global
@@ -79,6 +79,30 @@ def bpb_vs_k_figure(bpb_by_k: Mapping[int, float], references: Mapping[str, floa
         ax.axhline(value, linestyle=style, color="gray" if name.startswith("retrieval off") else None, label=name)
     ax.set_xticks(ks)
     ax.legend(loc="best")
+    return fig
+
+
+def database_scaling_figure(sizes: Sequence[float], curves: Mapping[str, Sequence[float]],
+                            flat: Mapping[str, Sequence[float]] | None = None, share: Sequence[float] | None = None,
+                            title: str = "Bits-per-byte as the database grows (no retraining)") -> Figure:
+    """bpb against database size in chunks (log x): one line per curve (`retrieval on`, its bpb(alpha), the random
+    control), dashed lines for the rows that cannot read the database (`retrieval off`, `baseline`; drawn as
+    measured at each size), and the share of evaluation chunks with a high-overlap neighbour on a second axis."""
+    fig, ax = new_figure(title, "database size (chunks, log scale)", "bits per byte")
+    ax.set_xscale("log")
+    for name, values in curves.items():
+        ax.plot(sizes, values, marker="o", label=name)
+    for (name, values), style in zip((flat or {}).items(), ("--", ":", "-.")):
+        ax.plot(sizes, values, linestyle=style, color="gray" if name.startswith("retrieval off") else None, label=name)
+    lines, labels = ax.get_legend_handles_labels()
+    if share is not None:
+        twin = ax.twinx()
+        twin.plot(sizes, share, color="gray", alpha=0.5, marker="s", linewidth=1, label="chunks with r(C) > α")
+        twin.set_ylabel("share of evaluation chunks with r(C) > α")
+        twin.set_ylim(0, 1.05)
+        more, more_labels = twin.get_legend_handles_labels()
+        lines, labels = lines + more, labels + more_labels
+    ax.legend(lines, labels, loc="best", fontsize="small")
     return fig
 
 
