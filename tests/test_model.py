@@ -202,7 +202,7 @@ def test_bf16_autocast_forward_backward(tiny):
 def test_kv_cache_matches_full_forward(tiny, cca_init):
     """Prefill + one token at a time, retrieving as chunks complete, equals one full forward."""
     model = tiny(cca_init=cca_init.removesuffix("+sink"), tie_embeddings=cca_init != "normal",
-                 cca_sink=cca_init.endswith("+sink"))
+                 cca_sink=cca_init.endswith("+sink"), head_dim=16)  # 2 heads of 16 = d_model: the induction init's
     if cca_init != "normal":  # move the identity inits off their special values, so every path counts
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
@@ -240,6 +240,15 @@ def test_config_validation_names_the_flag():
         RetroConfig(enc_n_layer=1, enc_cross_layers=(1,))
     with pytest.raises(ValueError, match="tie_embeddings"):
         RetroConfig(cca_init="induction")
+
+
+@pytest.mark.parametrize("widths", [dict(n_head=4, head_dim=32), dict(enc_d_model=128)])
+def test_induction_init_refuses_widths_where_it_would_be_a_partial_identity(widths):
+    induction = dict(d_model=256, n_head=4, head_dim=64, tie_embeddings=True, cca_init="induction")
+    RetroConfig(**induction)  # n_head * head_dim = enc_d_model = d_model: accepted
+    with pytest.raises(ValueError, match=r"cca_init: induction.*equal to d_model \(256\)"):
+        RetroConfig(**{**induction, **widths})
+    RetroConfig(**{**induction, **widths, "cca_init": "normal"})  # the paper's init takes any widths
 
 
 @pytest.mark.parametrize("autocast", [False, True])

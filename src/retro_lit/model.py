@@ -151,6 +151,12 @@ class RetroConfig(EncoderConfig):
         if self.cca_init == "induction" and not (self.cca_layers and self.tie_embeddings):
             raise ValueError("`model.config.cca_init: induction` needs cca_layers and tie_embeddings: true "
                              "(the tied head turns the copied token's embedding into a vote for it)")
+        widths = (self.n_head * self.head_dim, self.enc_d_model or self.d_model)
+        if self.cca_init == "induction" and widths != (self.d_model, self.d_model):
+            raise ValueError(f"`model.config.cca_init: induction` starts CCA as identity maps, so it needs n_head * "
+                             f"head_dim and enc_d_model equal to d_model ({self.d_model}); got {self.n_head} * "
+                             f"{self.head_dim} = {widths[0]} and enc_d_model {widths[1]}: change them or use "
+                             "cca_init: normal")
 
 
 # ----------------------------------------------------------------------------- building blocks
