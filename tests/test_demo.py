@@ -5,10 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from retro_lit.commands import main
-from retro_lit.demo import BASELINE
+from retro_lit.demo import BASELINE, fit_or_reuse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,19 @@ def test_demo_runs_end_to_end_and_reuses_the_database(tmp_path, tiny_corpus, cap
     assert main(["demo", *argv]) == 0
     assert "reusing" in capsys.readouterr().out
     assert manifest.stat().st_mtime_ns == stamp  # nothing rebuilt
+
+
+def test_a_run_stopped_before_its_steps_resumes_instead_of_being_reused(tmp_path, tiny_corpus, tiny_bert_path, capsys):
+    args = ["--data.corpus", str(tiny_corpus(n_docs=12, words_per_doc=200)), "--data.workspace", str(tmp_path / "ws"),
+            "--data.embedder", str(tiny_bert_path), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.precision=32", "--trainer.enable_progress_bar=false"]
+    config = str(ROOT / "configs" / "tiny.yaml")
+    ckpt, _ = fit_or_reuse(config, [*args, "--trainer.max_steps=2"], retrain=False, title="t")  # as if stopped at 2
+    ckpt, _ = fit_or_reuse(config, [*args, "--trainer.max_steps=4"], retrain=False, title="t")
+    assert "resuming" in capsys.readouterr().out
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    fit_or_reuse(config, [*args, "--trainer.max_steps=4"], retrain=False, title="t")
+    assert "reusing" in capsys.readouterr().out
 
 
 def test_demo_refuses_a_missing_config(tmp_path, capsys):

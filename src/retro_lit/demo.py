@@ -20,7 +20,8 @@ import logging
 import time
 from pathlib import Path
 
-from retro_lit.checkpoint import load_checkpoint, precision_context, reuse_loaded_checkpoints
+from retro_lit.checkpoint import (load_checkpoint, load_checkpoint_dict, precision_context,
+                                  reuse_loaded_checkpoints)
 from retro_lit.cli import RetroCLI
 from retro_lit.embedder import fast_precision, resolve_device
 from retro_lit.evaluate import ALPHAS, evaluate_checkpoint, leakage_demonstration, leakage_table, markdown_table
@@ -105,18 +106,24 @@ def demo(
 
 
 def fit_or_reuse(config: str, overrides: list[str], retrain: bool, title: str) -> tuple[Path, Path]:
-    """Build the database (prepare_data) and train with the config, or reuse run_dir's last.ckpt;
+    """Build the database (prepare_data) and train with the config, or reuse run_dir's last.ckpt once it has
+    reached the config's steps (a run stopped before them saved it at a validation: training resumes from it);
     returns (checkpoint, workspace)."""
     cli = RetroCLI(args=["--config", config, *overrides], run=False)
     data, trainer = cli.datamodule, cli.trainer
     stage(f"{title}: retrieval database {data.hparams.workspace}")
     data.prepare_data()  # builds or resumes; logs the database summary
     ckpt, workspace = Path(cli.config.checkpoint.dirpath) / "last.ckpt", Path(data.hparams.workspace)
-    if ckpt.exists() and not retrain:
+    step = int(load_checkpoint_dict(ckpt).get("global_step", 0)) if ckpt.exists() and not retrain else None
+    if step is not None and step >= trainer.max_steps:
         stage(f"{title}: reusing {ckpt} (pass --retrain to train again)")
         return ckpt, workspace
-    stage(f"{title}: training {trainer.max_steps} steps ({cli.model.model.num_params()['total'] / 1e6:.1f}M parameters)")
-    trainer.fit(cli.model, data)
+    if step is not None:
+        stage(f"{title}: resuming {ckpt} at step {step} of {trainer.max_steps} (an interrupted run)")
+    else:
+        stage(f"{title}: training {trainer.max_steps} steps "
+              f"({cli.model.model.num_params()['total'] / 1e6:.1f}M parameters)")
+    trainer.fit(cli.model, data, ckpt_path=str(ckpt) if step is not None else None)
     return ckpt, workspace
 
 
