@@ -10,8 +10,9 @@ differences seed by seed, and one JSON line; writes seeds.json under the run roo
 
     python benchmarks/seeds.py [--seeds 0 1 2] [--steps 200 400] [--run_root runs/seeds] [--retrain]
 
-A second run reuses every checkpoint and evaluation it finds. ~85 min for the default 3 seeds at 200 and 400 steps
-on 2 cores with bf16 units (measured figures and times: docs/results.md, "Seeds").
+A second run reuses every checkpoint and evaluation it finds (a run stopped mid-training resumes it). The default 3
+seeds at 200 and 400 steps: 73 min measured on 2 cores with bf16 units, ~55 min on an idle box (figures and
+times: docs/results.md, "Seeds"); about twice that on a CPU without bf16 units, where it trains in fp32.
 """
 
 import argparse
