@@ -23,7 +23,8 @@ for the demo: exact search; `add_documents` adds keys to the trained index and n
         [--workspace workspaces/python-stdlib] [--factors 2 4 8 16] [--out runs/db-scaling] [--threads 2]
 
 Writes steps.json, db_scaling.json and db_scaling.png under --out, prints a table and one JSON line. Rerun the
-same command to resume: finished additions and evaluations are kept.
+same command to resume: finished additions and scores are kept, an interrupted addition resumes. A step is scored
+on its own database only: once a later addition is in, a step without scores cannot be scored again (refused).
 """
 
 import argparse
@@ -94,13 +95,15 @@ class NearDuplicates:
 def take_documents(candidates: Iterator[tuple[str, str]], n_chunks: int, chunk_len: int, tokenizer,
                    filter_: NearDuplicates) -> tuple[dict[str, str], dict[str, str], list[dict], int]:
     """Documents from `candidates` until they hold >= n_chunks chunks: (clean {name: text}, near-duplicates
-    {name: text}, what the filter found, the clean documents' chunks). Near-duplicates do not count."""
+    {name: text}, the filter's closest matches (each document's most similar test file, the 5 highest, at or
+    above the threshold or not), the clean documents' chunks). Near-duplicates do not count."""
     clean, duplicates, found, chunks = {}, {}, [], 0
     for name, text in candidates:
         test_name, similarity = filter_.match(text)
+        found = sorted([*found, {"document": name, "test_file": test_name, "jaccard": round(similarity, 3)}],
+                       key=lambda f: -f["jaccard"])[:5]
         if similarity >= filter_.threshold:
             duplicates[name] = text
-            found.append({"document": name, "test_file": test_name, "jaccard": round(similarity, 3)})
             continue
         clean[name] = text
         chunks += math.ceil(len(tokenizer.encode(text)) / chunk_len)
@@ -120,7 +123,9 @@ def write_jsonl(path: Path, docs: dict[str, str]) -> Path:
 
 def grow(root: Path, corpus: Path, name: str, embedder) -> dict:
     """Add `corpus` as addition `name` (resuming it if unfinished, skipping it if done); its manifest entry, with
-    the raw embedder's rate on a sample of its chunks measured right after it."""
+    the raw embedder's forward rate measured right after it on the chunks of the last full embedding block the
+    addition wrote: the same texts in the same length-sorted batches as the addition embedded them (a smaller
+    sample sorts into wider batches, pads more and runs ~2x slower, which would flatter the ratio)."""
     done = {a["name"]: a for a in open_workspace(root).additions if a.get("done")}
     if name not in done:
         start = time.perf_counter()
@@ -131,8 +136,9 @@ def grow(root: Path, corpus: Path, name: str, embedder) -> dict:
         entry = done[name]
     ws = open_workspace(root)
     first, end = entry["range"]
-    rows = np.random.default_rng(0).choice(np.arange(first, end), size=min(1024, end - first), replace=False)
-    chunks = np.asarray(ws.chunks[np.sort(rows)])
+    size = int(ws.manifest["settings"]["block_size"])
+    lo = max(first, (end // size - 1) * size)  # the last block the addition filled (or its whole range)
+    chunks = np.asarray(ws.chunks[lo:min(lo + size, end)])
     texts = workspace_tokenizer(ws).decode_batch([row[row != ws.pad_id] for row in chunks])
     return {**entry, "raw_chunks_per_s": round(raw_chunks_per_s(embedder, texts), 1)}
 
@@ -194,9 +200,16 @@ def run_steps(args, out: Path) -> list[dict]:
                 write_jsonl(corpus, clean)
         else:
             found = []
-        if any(s["factor"] == factor for s in steps):
+        done = next((s for s in steps if s["factor"] == factor), None)
+        if done is not None:
+            done["closest_matches"] = found  # (recomputed: the candidate order is fixed)
             continue
-        step = {"factor": factor, "near_duplicates_found": found}
+        added = [a["name"] for a in open_workspace(root).additions]  # a step is scored on its own database only
+        later = added[added.index(name) + 1:] if name in added else added if factor == 1 else []
+        if later:
+            raise SystemExit(f"error: {root} has grown past x{factor} ({', '.join(added)}), which has no scores in "
+                             f"{steps_file}: the database it was scored on is gone; start again with a new --out")
+        step = {"factor": factor, "closest_matches": found}
         if factor > 1:
             entry = grow(root, corpus, name, embedder)
             rate = entry["stages"]["embeddings"]["chunks_per_s"]
@@ -233,9 +246,10 @@ def report(steps: list[dict]) -> str:
             + (f"{kept['on']:.4f} | {kept['copyable_share']:.1%} | " if kept else "– | – | ")
             + (f"{s['add_seconds']:.0f} | {s['embedding_ratio']:.2f} | {s['recall@2']} | " if s["factor"] > 1
                else "– | – | – | ") + f"{s['queries_per_s']:,.0f} |")
-    found = [f"{f['document']} ~ {f['test_file']} (Jaccard {f['jaccard']})"
-             for s in steps for f in s["near_duplicates_found"]]
-    lines.append("\nnear-duplicates of test files found and left out: " + ("; ".join(found) if found else "none"))
+    for s in steps[1:]:
+        closest = "; ".join(f"{f['document']} ~ {f['test_file']} {f['jaccard']}" for f in s["closest_matches"][:3])
+        lines.append(f"\nx{s['factor']}: near-duplicates kept out {len(s.get('kept_documents', []))} in all; the "
+                     f"added documents closest to a test file (13-gram Jaccard): {closest}")
     return "\n".join(lines)
 
 
