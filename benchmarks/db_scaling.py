@@ -22,6 +22,7 @@ for the demo: exact search; `add_documents` adds keys to the trained index and n
     python benchmarks/db_scaling.py [--ckpt runs/demo/checkpoints/last.ckpt] [--baseline_ckpt ...] \
         [--workspace workspaces/python-stdlib] [--factors 2 4 8 16] [--out runs/db-scaling] [--threads 2]
 
+~31 min on 2 cores with bf16 units for x2 ... x16 (396k chunks; figures: docs/results.md § Database scaling).
 Writes steps.json, db_scaling.json and db_scaling.png under --out, prints a table and one JSON line. Rerun the
 same command to resume: finished additions and scores are kept, an interrupted addition resumes. A step is scored
 on its own database only: once a later addition is in, a step without scores cannot be scored again (refused).
