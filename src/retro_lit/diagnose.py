@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.corpus import iter_documents
 from retro_lit.evaluate import (PrecomputedNeighbors, RandomNeighbors, Scorer, capped, choose_neighbors,
                                 evaluate_documents, longest_common_substring, workspace_documents)
 from retro_lit.embedder import resolve_device
-from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.retrofit import RetroFitModel
 from retro_lit.tokenizer import workspace_tokenizer
 from retro_lit.verify import checked_workspace

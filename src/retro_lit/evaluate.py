@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retro_lit.additions import add_documents
+from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.corpus import iter_documents
 from retro_lit.embedder import BERTForChunkEmbeddings, resolve_device, workspace_embedder
-from retro_lit.checkpoint import load_checkpoint, precision_context
 from retro_lit.index import RetroIndex, index_files, load_index, search_excluding
 from retro_lit.plots import write_evaluation_plots
 from retro_lit.progress import progress

@@ -175,7 +175,7 @@ def format_retrieval(u: int, chunk: Tensor, found, tokenizer, chunk_len: int) ->
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- checkpoints and the command
+# ----------------------------------------------------------------------------- the command
 
 def generate_text(
     ckpt_path: str,
